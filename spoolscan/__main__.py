@@ -1,0 +1,4 @@
+import sys
+from spoolscan.cli import main
+
+sys.exit(main())

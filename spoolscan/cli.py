@@ -1,0 +1,173 @@
+"""The ``spoolscan`` command.
+
+Exit codes: 0 success / all clean; 1 something found (scan: infected or unchecked) or a
+check failed (doctor); 2 error (scan could not complete, bad configuration, database or
+clamd unavailable); 64 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from spoolscan import __version__
+from spoolscan.config import Config, ConfigError, load_config
+
+log = logging.getLogger("spoolscan")
+
+EXIT_OK, EXIT_FOUND, EXIT_ERROR, EXIT_USAGE = 0, 1, 2, 64
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s spoolscan[%(process)d]: %(levelname)s %(message)s",
+                        datefmt="%b %d %H:%M:%S")
+    if not verbose:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _open_store(config: Config, auto_create: bool = True):  # type: ignore[no-untyped-def]
+    """Open the configured store; an empty SQLite database is migrated on first use."""
+    from spoolscan.store.db import StoreError, create_engine_for, schema_status, upgrade
+    from spoolscan.store.repo import Store
+
+    engine = create_engine_for(config.database.url)
+    try:
+        current, head = schema_status(engine)
+    except Exception as exc:
+        raise StoreError(f"cannot open the database ({config.database.url}): {exc}") from exc
+    if current is None and auto_create and engine.dialect.name == "sqlite":
+        log.info("creating the database schema in %s", engine.url.database)
+        upgrade(engine)
+    elif current != head:
+        raise StoreError(f"the database is at schema revision {current or 'none'}, this "
+                         f"spoolscan needs {head}: run `spoolscan db upgrade`")
+    return Store(engine)
+
+
+def cmd_scan(args: argparse.Namespace, config: Config) -> int:
+    from spoolscan.scan_paths import scan_paths
+    from spoolscan.scanner import ClamdScanner
+    from spoolscan.worker import ScanService
+
+    store = None if args.no_store else _open_store(config)
+    scanner = ClamdScanner(config.clamd, max_size=config.policy.max_size)
+    service = ScanService(scanner=scanner, store=store, use_cache=not args.no_cache)
+    try:
+        return scan_paths(service, args.paths, concurrency=config.clamd.concurrency,
+                          as_json=args.json)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def cmd_version(args: argparse.Namespace, config: Config) -> int:
+    from spoolscan.scanner import ClamdError, ClamdScanner
+
+    print(f"spoolscan {__version__}")
+    scanner = ClamdScanner(config.clamd)
+    try:
+        print(f"clamd {scanner.version()} ({config.clamd.endpoint})")
+        print(f"signature fingerprint {scanner.fingerprint()}")
+    except ClamdError as exc:
+        print(f"clamd: unavailable: {exc}")
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def cmd_db(args: argparse.Namespace, config: Config) -> int:
+    from spoolscan.store.db import create_engine_for, schema_status, upgrade
+
+    engine = create_engine_for(config.database.url)
+    safe_url = engine.url.render_as_string(hide_password=True)
+    if args.db_command == "upgrade":
+        upgrade(engine)
+        current, _ = schema_status(engine)
+        print(f"database {safe_url} is at schema revision {current}")
+    else:
+        current, head = schema_status(engine)
+        print(f"database {safe_url}: revision {current or 'none'} (code: {head})")
+        return EXIT_OK if current == head else EXIT_FOUND
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
+    from spoolscan.doctor import run_checks
+
+    return run_checks(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spoolscan",
+        description="Scan mail where it rests — the Postfix hold queue and Maildir stores — "
+                    "with clamd, and keep every verdict in SQL.",
+        epilog="Configuration: --config FILE, else $SPOOLSCAN_CONFIG, else "
+               "/etc/spoolscan/spoolscan.toml, else built-in defaults. "
+               "$SPOOLSCAN_DATABASE_URL overrides [database] url.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="configuration file (TOML)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--version", action="version", version=f"spoolscan {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("scan", help="scan files, directories and Maildirs now",
+                       description="Scan files, directories (recursively) and Maildirs (new/ "
+                                   "and cur/ of every folder). Exit 0 all clean, 1 infected "
+                                   "or unchecked found, 2 an error occurred (as clamdscan).")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per message (path, verdict, signature, "
+                        "sha256, size, duration_ms, cached)")
+    p.add_argument("--no-store", action="store_true", help="do not record verdicts in the "
+                                                           "database")
+    p.add_argument("--no-cache", action="store_true",
+                   help="scan even content already scanned under the same signatures")
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("version", help="spoolscan and clamd versions, signature fingerprint")
+    p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("db", help="database schema management")
+    dbsub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    dbsub.add_parser("upgrade", help="create or migrate the schema (Alembic upgrade head)")
+    dbsub.add_parser("status", help="show the schema revision; exit 1 if not current")
+    p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser("doctor", help="check configuration, clamd, database, Postfix, "
+                                      "permissions",
+                       description="Run every check and print one line each. Exit 0 if all "
+                                   "pass, 1 if any fails.")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"spoolscan: configuration error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    from spoolscan.store.db import StoreError
+
+    try:
+        return int(args.func(args, config))
+    except StoreError as exc:
+        print(f"spoolscan: database error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

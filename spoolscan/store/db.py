@@ -1,0 +1,99 @@
+"""Database connections and schema migrations.
+
+SQLite (the default) is opened in WAL mode so that readers (reports, cache look-ups from
+scanner threads) do not block the writer; PostgreSQL is reached through psycopg 3
+(``postgresql+psycopg://``).  The schema is created and changed only by Alembic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+import spoolscan
+
+
+class StoreError(Exception):
+    """The database cannot be used (unreachable, not migrated, misconfigured)."""
+
+
+def _normalise_url(url: str) -> str:
+    # "postgresql://" would pick psycopg2 on SQLAlchemy 2.0; we ship psycopg 3.
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def create_engine_for(url: str) -> Engine:
+    """An Engine for ``url``; creates the directory of a SQLite file if needed."""
+    url = _normalise_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL-safe
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def migrations_dir() -> Path:
+    """Where the Alembic scripts are: inside the installed package, or the source tree."""
+    package_dir = Path(spoolscan.__file__).resolve().parent
+    for candidate in (package_dir / "migrations", package_dir.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise StoreError("cannot find spoolscan's migrations (looked in "
+                     f"{package_dir / 'migrations'} and {package_dir.parent / 'migrations'})")
+
+
+def _alembic_config(url: str) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.set_main_option("sqlalchemy.url", _normalise_url(url).replace("%", "%%"))
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema up to ``revision`` (Alembic upgrade)."""
+    cfg = _alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def schema_status(engine: Engine) -> tuple[str | None, str]:
+    """(current revision in the database, head revision of the code)."""
+    cfg = _alembic_config(engine.url.render_as_string(hide_password=False))
+    head = ScriptDirectory.from_config(cfg).get_current_head() or ""
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    return current, head
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise StoreError unless the database is migrated to the code's head revision."""
+    try:
+        current, head = schema_status(engine)
+    except Exception as exc:  # connection errors of any driver
+        raise StoreError(f"cannot open the database {engine.url!r}: {exc}") from exc
+    if current != head:
+        raise StoreError(
+            f"the database is at schema revision {current or 'none'}, this spoolscan needs "
+            f"{head}: run `spoolscan db upgrade`"
+        )

@@ -1,0 +1,334 @@
+"""Repository functions: everything spoolscan reads from and writes to the database.
+
+All writes of one batch happen in one transaction, so a verdict is either committed with
+its message row or not at all.  Callers act on mail only after ``record_scans`` returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from spoolscan.scanner import CLEAN, INFECTED
+from spoolscan.store.db import check_schema, create_engine_for
+from spoolscan.store.models import Action, Fingerprint, Message, Scan
+
+messages = Message.__table__
+scans = Scan.__table__
+actions = Action.__table__
+fingerprints = Fingerprint.__table__
+
+# Message states (the lifecycle recorded in messages.state).
+SEEN = "seen"
+SCANNING = "scanning"
+VERDICT = "verdict"
+ACTING = "acting"
+DONE = "done"
+RETRY = "retry"  # unchecked/error, kept where it is, will be scanned again
+STUCK = "stuck"  # gave up after max_attempts: still held / left, needs an admin
+GONE = "gone"  # vanished before spoolscan finished with it
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """Datetimes come back naive from SQLite; they are always stored in UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """What a source knows about a message, before scanning."""
+
+    source: str
+    kind: str  # postfix-hold | maildir | file
+    identity: str
+    location: str
+    queue_id: str | None = None
+    host: str | None = None
+    sender: str | None = None
+    recipients: tuple[str, ...] = ()
+    direction: str | None = None
+    size: int | None = None
+    content_hash: str | None = None
+    arrived_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ScanRecord:
+    """One scan result to store."""
+
+    message: MessageInfo
+    verdict: str
+    signature: str | None
+    detail: str | None
+    fingerprint: str | None
+    duration_ms: int
+    trigger: str  # arrival | rescan | manual
+    cached: bool
+    state: str  # the message's state after this scan
+    next_attempt_at: datetime | None = None
+    count_attempt: bool = True
+
+
+@dataclass(frozen=True)
+class StoredScan:
+    message_id: int
+    scan_id: int
+    previous_verdict: str | None
+    attempts: int
+    retroactive: bool
+
+
+@dataclass(frozen=True)
+class CachedVerdict:
+    verdict: str
+    signature: str | None
+
+
+class Store:
+    """The verdict store.  Thread-safe (one Engine, one connection per call)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+
+    @classmethod
+    def open(cls, url: str, check: bool = True) -> Store:
+        engine = create_engine_for(url)
+        if check:
+            check_schema(engine)
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- fingerprints ----------------------------------------------------------------
+
+    def note_fingerprint(self, fingerprint: str) -> bool:
+        """Record that ``fingerprint`` is in use; True if it was never seen before."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            stmt = self._insert(fingerprints).values(
+                fingerprint=fingerprint, first_seen_at=now, last_seen_at=now
+            ).on_conflict_do_nothing(index_elements=["fingerprint"])
+            inserted = conn.execute(stmt).rowcount == 1
+            if not inserted:
+                conn.execute(update(fingerprints)
+                             .where(fingerprints.c.fingerprint == fingerprint)
+                             .values(last_seen_at=now))
+        return inserted
+
+    def latest_fingerprint(self) -> str | None:
+        """The fingerprint most recently first seen."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(fingerprints.c.fingerprint)
+                .order_by(fingerprints.c.first_seen_at.desc()).limit(1)
+            ).scalar()
+
+    # --- the verdict cache -----------------------------------------------------------
+
+    def cached_verdict(self, content_hash: str, fingerprint: str) -> CachedVerdict | None:
+        """A definite verdict (clean/infected) for this content under these signatures."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(scans.c.verdict, scans.c.signature)
+                .where(scans.c.content_hash == content_hash,
+                       scans.c.fingerprint == fingerprint,
+                       scans.c.verdict.in_((CLEAN, INFECTED)))
+                .order_by(scans.c.id.desc()).limit(1)
+            ).first()
+        return CachedVerdict(row.verdict, row.signature) if row else None
+
+    # --- recording -------------------------------------------------------------------
+
+    def record_scans(self, records: Sequence[ScanRecord]) -> list[StoredScan]:
+        """Store a batch of scans and their messages in one transaction."""
+        if not records:
+            return []
+        with self.engine.begin() as conn:
+            return [self._record(conn, r) for r in records]
+
+    def _upsert_message(self, conn: Connection, info: MessageInfo, now: datetime) -> int:
+        values = {
+            "location": info.location,
+            "queue_id": info.queue_id,
+            "host": info.host,
+            "sender": info.sender,
+            "recipients": ", ".join(info.recipients) if info.recipients else None,
+            "nrcpt": len(info.recipients) if info.recipients else None,
+            "direction": info.direction,
+            "size": info.size,
+            "content_hash": info.content_hash,
+            "arrived_at": info.arrived_at,
+            "updated_at": now,
+        }
+        stmt = self._insert(messages).values(
+            source=info.source, kind=info.kind, identity=info.identity, first_seen_at=now,
+            state=SEEN, attempts=0, **values,
+        )
+        # Keep what we knew when a later sighting knows less (e.g. envelope fields).
+        keep = {k: func.coalesce(stmt.excluded[k], messages.c[k]) for k in values}
+        stmt = stmt.on_conflict_do_update(index_elements=["source", "identity"], set_=keep)
+        return conn.execute(stmt.returning(messages.c.id)).scalar_one()
+
+    def _record(self, conn: Connection, r: ScanRecord) -> StoredScan:
+        now = utcnow()
+        message_id = self._upsert_message(conn, r.message, now)
+        prev = conn.execute(
+            select(messages.c.verdict, messages.c.attempts).where(messages.c.id == message_id)
+        ).one()
+        retroactive = r.trigger == "rescan" and prev.verdict == CLEAN and r.verdict == INFECTED
+        scan_id = conn.execute(
+            insert(scans).values(
+                message_id=message_id, scanned_at=now, verdict=r.verdict,
+                signature=r.signature, detail=r.detail, fingerprint=r.fingerprint,
+                content_hash=r.message.content_hash, size=r.message.size,
+                duration_ms=r.duration_ms, trigger=r.trigger, cached=r.cached,
+                previous_verdict=prev.verdict, retroactive=retroactive,
+            ).returning(scans.c.id)
+        ).scalar_one()
+        attempts = prev.attempts + 1 if r.count_attempt else prev.attempts
+        if r.verdict in (CLEAN, INFECTED):
+            attempts = 0
+        conn.execute(update(messages).where(messages.c.id == message_id).values(
+            verdict=r.verdict, signature=r.signature, state=r.state, attempts=attempts,
+            next_attempt_at=r.next_attempt_at,
+            last_error=r.detail if r.verdict not in (CLEAN, INFECTED) else None,
+            updated_at=now,
+        ))
+        return StoredScan(message_id, scan_id, prev.verdict, attempts, retroactive)
+
+    def record_action(self, message_id: int, scan_id: int | None, action: str, outcome: str,
+                      detail: str | None = None, *, state: str | None = None,
+                      quarantine_path: str | None = None, original_path: str | None = None,
+                      location: str | None = None) -> int:
+        """Record what was done to a message (and move it to ``state``)."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            action_id = conn.execute(insert(actions).values(
+                message_id=message_id, scan_id=scan_id, action=action, requested_at=now,
+                completed_at=now if outcome != "pending" else None, outcome=outcome,
+                detail=detail, quarantine_path=quarantine_path, original_path=original_path,
+            ).returning(actions.c.id)).scalar_one()
+            changes: dict[str, object] = {"updated_at": now}
+            if state:
+                changes["state"] = state
+            if location:
+                changes["location"] = location
+            conn.execute(update(messages).where(messages.c.id == message_id).values(**changes))
+        return action_id
+
+    def set_state(self, message_ids: Iterable[int], state: str, detail: str | None = None
+                  ) -> None:
+        ids = list(message_ids)
+        if not ids:
+            return
+        values: dict[str, object] = {"state": state, "updated_at": utcnow()}
+        if detail is not None:
+            values["last_error"] = detail
+        with self.engine.begin() as conn:
+            conn.execute(update(messages).where(messages.c.id.in_(ids)).values(**values))
+
+    def note_failure(self, info: MessageInfo, state: str, detail: str,
+                     next_attempt_at: datetime | None) -> tuple[int, int]:
+        """Record a message that could not even be read (corrupt, vanished...).
+
+        Returns (message id, attempts so far).  No scan row is written: nothing was scanned.
+        """
+        now = utcnow()
+        with self.engine.begin() as conn:
+            message_id = self._upsert_message(conn, info, now)
+            attempts = conn.execute(
+                update(messages).where(messages.c.id == message_id)
+                .values(attempts=messages.c.attempts + 1, state=state, last_error=detail,
+                        next_attempt_at=next_attempt_at, updated_at=now)
+                .returning(messages.c.attempts)
+            ).scalar_one()
+        return message_id, attempts
+
+    # --- queries used by sources and rescans -----------------------------------------
+
+    def messages_by_identity(self, source: str, identities: Sequence[str]
+                             ) -> dict[str, dict]:
+        """Rows of ``messages`` for these identities (as dicts), keyed by identity."""
+        out: dict[str, dict] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(identities), 500):
+                chunk = identities[i:i + 500]
+                for row in conn.execute(select(messages).where(
+                        messages.c.source == source, messages.c.identity.in_(chunk))):
+                    out[row.identity] = dict(row._mapping)
+        return out
+
+    def open_messages(self, source: str) -> list[dict]:
+        """Messages of ``source`` not finished (not done/gone), as dicts."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(messages).where(
+                messages.c.source == source, messages.c.state.not_in((DONE, GONE))))
+            return [dict(r._mapping) for r in rows]
+
+    def rescan_candidates(self, since: datetime | None, fingerprint: str,
+                          source: str | None = None, batch: int = 1000
+                          ) -> Iterator[list[dict]]:
+        """Messages seen since ``since`` whose content has no scan under ``fingerprint``.
+
+        Yields batches ordered by id, so a restarted rescan resumes where it stopped:
+        finished content has a scan under the fingerprint and is not yielded again.
+        """
+        last_id = 0
+        done = select(scans.c.id).where(scans.c.content_hash == messages.c.content_hash,
+                                        scans.c.fingerprint == fingerprint,
+                                        scans.c.verdict.in_((CLEAN, INFECTED)))
+        while True:
+            conds = [messages.c.id > last_id, messages.c.state.not_in((GONE,)),
+                     messages.c.content_hash.is_not(None), ~done.exists()]
+            if since is not None:
+                conds.append(messages.c.first_seen_at >= since)
+            if source is not None:
+                conds.append(messages.c.source == source)
+            with self.engine.connect() as conn:
+                rows = [dict(r._mapping) for r in conn.execute(
+                    select(messages).where(and_(*conds)).order_by(messages.c.id).limit(batch))]
+            if not rows:
+                return
+            yield rows
+            last_id = rows[-1]["id"]
+
+    def due_retries(self, source: str, now: datetime | None = None) -> list[dict]:
+        """Messages of ``source`` waiting for a retry whose time has come."""
+        now = now or utcnow()
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(messages).where(
+                messages.c.source == source, messages.c.state == RETRY,
+                or_(messages.c.next_attempt_at.is_(None), messages.c.next_attempt_at <= now)))
+            return [dict(r._mapping) for r in rows]
+
+    def last_action(self, message_id: int) -> dict | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(actions).where(actions.c.message_id == message_id)
+                               .order_by(actions.c.id.desc()).limit(1)).first()
+        return dict(row._mapping) if row else None
+
+    def purge(self, older_than: timedelta) -> int:
+        """Delete finished messages (and their scans/actions) older than ``older_than``."""
+        cutoff = utcnow() - older_than
+        with self.engine.begin() as conn:
+            old = select(messages.c.id).where(messages.c.updated_at < cutoff,
+                                              messages.c.state.in_((DONE, GONE)))
+            ids = [r[0] for r in conn.execute(old)]
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                conn.execute(actions.delete().where(actions.c.message_id.in_(chunk)))
+                conn.execute(scans.delete().where(scans.c.message_id.in_(chunk)))
+                conn.execute(messages.delete().where(messages.c.id.in_(chunk)))
+        return len(ids)
