@@ -1,4 +1,5 @@
 import sys
+
 from spoolscan.cli import main
 
 sys.exit(main())

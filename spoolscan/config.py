@@ -371,6 +371,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
         try:
             _address(addr)
         except ValueError:
-            raise ConfigError(f"$SPOOLSCAN_CLAMD_ADDRESS must be 'host:port', got {addr!r}")
+            raise ConfigError(
+                f"$SPOOLSCAN_CLAMD_ADDRESS must be 'host:port', got {addr!r}") from None
         config = replace(config, clamd=replace(config.clamd, address=addr))
     return config

@@ -158,12 +158,14 @@ def format_json(outcome: Outcome) -> str:
 
 
 def scan_paths(service: ScanService, paths: list[str], *, concurrency: int,
-               as_json: bool = False, out: TextIO = sys.stdout,
-               err: TextIO = sys.stderr, trigger: str = "manual") -> int:
+               as_json: bool = False, out: TextIO | None = None,
+               err: TextIO | None = None, trigger: str = "manual") -> int:
     """Scan ``paths``, print a line (or JSON object) per message and a summary.
 
     Returns the exit status.  Verdicts are stored in batches when the service has a store.
     """
+    out = out or sys.stdout
+    err = err or sys.stderr
     store: Store | None = service.store
     tally = Tally()
     progress = Progress(err, enabled=err.isatty() and not as_json)

@@ -127,9 +127,9 @@ class FingerprintWatch:
         if self._failing:
             log.info("clamd answers again")
         self._failing = False
-        if value != self._value and self.store is not None:
-            if self.store.note_fingerprint(value):
-                log.info("new signature fingerprint: %s", value)
+        if (value != self._value and self.store is not None
+                and self.store.note_fingerprint(value)):
+            log.info("new signature fingerprint: %s", value)
         self._value = value
 
 

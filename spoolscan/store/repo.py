@@ -120,7 +120,7 @@ class Store:
             stmt = self._insert(fingerprints).values(
                 fingerprint=fingerprint, first_seen_at=now, last_seen_at=now
             ).on_conflict_do_nothing(index_elements=["fingerprint"])
-            inserted = conn.execute(stmt).rowcount == 1
+            inserted = conn.execute(stmt.returning(fingerprints.c.fingerprint)).first() is not None
             if not inserted:
                 conn.execute(update(fingerprints)
                              .where(fingerprints.c.fingerprint == fingerprint)

@@ -1,4 +1,5 @@
-"""A private clamd for tests and demos, with a signature database built on the spot.
+"""A private clamd with a signature database built on the spot: for the demo (`make run`),
+the tests and the benchmarks.
 
 No signatures are downloaded (there is no network): the database holds an EICAR body
 signature and the MD5 of ClamAV's test file ``clam.exe``, which catches all the samples
@@ -30,13 +31,14 @@ def clamd_binary() -> str:
         found = shutil.which(candidate)
         if found:
             return found
-    raise RuntimeError("clamd is not installed: run `make deps` (apt-get install clamav-daemon)")
+    raise RuntimeError("clamd is not installed: run `make deps` "
+                       "(apt-get install clamav-daemon)")
 
 
 class ClamdInstance:
     """clamd running in the foreground on a private Unix socket under ``root``."""
 
-    def __init__(self, root: Path, *, stream_max: str = "1M", max_file: str = "2M",
+    def __init__(self, root: Path, *, stream_max: str = "3M", max_file: str = "2M",
                  extra_conf: str = "") -> None:
         self.root = root
         self.db_dir = root / "db"
@@ -82,11 +84,11 @@ class ClamdInstance:
         self.write_conf()
         if self.socket_path.exists():
             self.socket_path.unlink()
-        self.process = subprocess.Popen(
-            [clamd_binary(), f"--config-file={self.conf_path}"],
-            stdout=subprocess.DEVNULL, stderr=open(self.root / "clamd.stderr", "ab"),
-            start_new_session=True,
-        )
+        with open(self.root / "clamd.stderr", "ab") as stderr:
+            self.process = subprocess.Popen(
+                [clamd_binary(), f"--config-file={self.conf_path}"],
+                stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

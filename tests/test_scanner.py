@@ -1,0 +1,222 @@
+"""The clamd scanner against a real clamd: every verdict type."""
+
+import io
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+from mail import eicar_message, message
+
+from spoolscan.config import ClamdConfig
+from spoolscan.localclamd import EICAR, TESTFILES_DIR, ClamdInstance
+from spoolscan.scanner import CLEAN, ERROR, INFECTED, UNCHECKED, ClamdScanner, parse_reply
+
+TESTFILES = sorted(p for p in TESTFILES_DIR.iterdir() if p.is_file())
+
+
+@pytest.fixture
+def scanner(clamd_config):
+    return ClamdScanner(clamd_config, max_size=8 * 1024 * 1024)
+
+
+def test_clean_mail_is_clean(scanner):
+    assert scanner.scan_stream(io.BytesIO(message())).verdict == CLEAN
+
+
+def test_eicar_in_a_base64_attachment_is_infected(scanner):
+    verdict = scanner.scan_stream(io.BytesIO(eicar_message()))
+    assert verdict.verdict == INFECTED
+    assert verdict.signature == "Spoolscan.Test.EICAR-NDB.UNOFFICIAL"
+
+
+def test_the_testfiles_package_ships_44_samples():
+    assert len(TESTFILES) == 44
+
+
+@pytest.mark.parametrize("sample", TESTFILES, ids=lambda p: p.name)
+def test_each_clamav_testfile_is_infected(scanner, sample):
+    with open(sample, "rb") as fh:
+        verdict = scanner.scan_stream(fh)
+    assert (verdict.verdict, verdict.signature) == (INFECTED,
+                                                    "Spoolscan.Test.ClamExe.UNOFFICIAL")
+
+
+def test_each_clamav_testfile_attached_to_mail_is_infected(scanner):
+    # Base64 grows a sample by a third: the largest would pass MaxFileSize (2M) and be
+    # "unchecked" instead; those are covered by the size-limit tests.
+    small = [p for p in TESTFILES if p.stat().st_size < 1024 * 1024 and "emax" not in p.name]
+    assert len(small) >= 38
+    missed = [p.name for p in small
+              if scanner.scan_stream(io.BytesIO(message(attachment=p.read_bytes(),
+                                                        filename=p.name))).verdict != INFECTED]
+    assert missed == []
+
+
+def test_file_descriptor_scan_finds_eicar(scanner, tmp_path):
+    path = tmp_path / "eicar.eml"
+    path.write_bytes(eicar_message())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.read(fd, 100000)  # the offset does not matter: clamd reads the whole file
+        assert scanner.scan_fd(fd).verdict == INFECTED
+    finally:
+        os.close(fd)
+
+
+def test_stream_over_stream_max_length_is_unchecked(scanner):
+    big = message(body="x" * (3 * 1024 * 1024 + 10))
+    verdict = scanner.scan_stream(io.BytesIO(big))
+    assert verdict.verdict == UNCHECKED
+    assert "size limit" in verdict.detail
+
+
+def test_file_over_max_file_size_is_unchecked_not_clean(scanner, tmp_path):
+    # MaxFileSize is 2M: clamd stops scanning there; AlertExceedsMax makes it say so.
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(5 * 1024 * 1024 // 2))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        verdict = scanner.scan_fd(fd)
+    finally:
+        os.close(fd)
+    assert verdict.verdict == UNCHECKED
+    assert verdict.signature.startswith("Heuristics.Limits.Exceeded")
+
+
+def test_content_over_max_size_is_unchecked_without_scanning(clamd_config):
+    scanner = ClamdScanner(clamd_config, max_size=100)
+    verdict = scanner.scan_stream(io.BytesIO(b"x" * 200), size=200)
+    assert verdict.verdict == UNCHECKED and "max_size" in verdict.detail
+
+
+def test_stopped_clamd_gives_error(tmp_path):
+    instance = ClamdInstance(tmp_path)
+    instance.start()
+    scanner = ClamdScanner(ClamdConfig(socket=str(instance.socket_path), timeout=5))
+    assert scanner.scan_stream(io.BytesIO(b"x")).verdict == CLEAN
+    instance.stop()
+    verdict = scanner.scan_stream(io.BytesIO(eicar_message()))
+    assert verdict.verdict == ERROR
+    assert "cannot connect to clamd" in verdict.detail
+
+
+class SilentServer:
+    """A Unix socket that accepts and then answers ``reply`` (or nothing at all)."""
+
+    def __init__(self, path: Path, reply: bytes | None) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(16)
+        self.reply = reply
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            if self.reply is not None:
+                threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        data = b""
+        while not data.endswith(b"\0\0\0\0"):  # the end of an INSTREAM
+            part = conn.recv(65536)
+            if not part:  # pyclamd's connection test: connects, closes
+                return
+            data += part
+        conn.sendall(self.reply or b"")
+        conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_clamd_that_never_answers_gives_error_within_the_timeout(tmp_path):
+    import time
+
+    server = SilentServer(tmp_path / "s.sock", None)
+    try:
+        scanner = ClamdScanner(ClamdConfig(socket=str(tmp_path / "s.sock"), timeout=1))
+        started = time.monotonic()
+        verdict = scanner.scan_stream(io.BytesIO(b"hello"))
+        assert verdict.verdict == ERROR and "timed out" in verdict.detail
+        assert time.monotonic() - started < 3  # pyclamd alone would retry for 5x the timeout
+    finally:
+        server.close()
+
+
+def test_garbage_reply_gives_error(tmp_path):
+    server = SilentServer(tmp_path / "g.sock", b"WHAT IS THIS\0")
+    try:
+        scanner = ClamdScanner(ClamdConfig(socket=str(tmp_path / "g.sock"), timeout=2))
+        verdict = scanner.scan_stream(io.BytesIO(b"hello"))
+        assert verdict.verdict == ERROR and "unexpected reply" in verdict.detail
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(("reply", "verdict", "signature"), [
+    ("stream: OK", CLEAN, None),
+    ("fd[7]: OK", CLEAN, None),
+    ("stream: Eicar-Test-Signature FOUND", INFECTED, "Eicar-Test-Signature"),
+    ("/a: b/c: Name.X FOUND", INFECTED, "Name.X"),
+    ("stream: Heuristics.Limits.Exceeded.MaxFileSize FOUND", UNCHECKED,
+     "Heuristics.Limits.Exceeded.MaxFileSize"),
+    ("INSTREAM size limit exceeded. ERROR", UNCHECKED, None),
+    ("stream: Can't allocate memory ERROR", ERROR, None),
+    ("", ERROR, None),
+])
+def test_replies_map_to_verdicts(reply, verdict, signature):
+    parsed = parse_reply(reply)
+    assert (parsed.verdict, parsed.signature) == (verdict, signature)
+
+
+def test_scanner_is_safe_to_share_between_threads(scanner):
+    infected = eicar_message()
+    clean = message()
+    wrong: list[str] = []
+
+    def work(i: int) -> None:
+        for j in range(25):
+            data, expected = (infected, INFECTED) if (i + j) % 2 else (clean, CLEAN)
+            got = scanner.scan_stream(io.BytesIO(data)).verdict
+            if got != expected:
+                wrong.append(f"{expected} -> {got}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_fingerprint_of_custom_databases_includes_a_digest(scanner):
+    assert scanner.fingerprint().startswith("ClamAV ") and "+db:" in scanner.fingerprint()
+
+
+def test_fingerprint_follows_a_signature_update(tmp_path):
+    instance = ClamdInstance(tmp_path)
+    instance.start()
+    try:
+        scanner = ClamdScanner(ClamdConfig(socket=str(instance.socket_path),
+                                           database_directory=str(instance.db_dir)))
+        instance.publish_daily(27001)
+        first = scanner.fingerprint()
+        instance.publish_daily(27002)
+        second = scanner.fingerprint()
+        assert "/27001/" in first and "/27002/" in second
+    finally:
+        instance.stop()
+
+
+def test_eicar_bytes_are_the_standard_68():
+    assert len(EICAR) == 68

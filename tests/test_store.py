@@ -1,0 +1,144 @@
+"""The verdict store on SQLite and PostgreSQL: migrations, the v_scans view, the cache."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from sqlalchemy import inspect, text
+
+from spoolscan.store.db import create_engine_for, schema_status, upgrade
+from spoolscan.store.repo import DONE, MessageInfo, ScanRecord, Store
+
+REPO = Path(__file__).resolve().parent.parent
+V_SCANS_COLUMNS = {"scanned_at", "source", "location", "queue_id", "sender", "recipients",
+                   "direction", "verdict", "signature", "fingerprint", "trigger", "cached",
+                   "action"}
+
+
+def record(store: Store, identity: str = "id-1", verdict: str = "clean", **kw) -> int:
+    info = MessageInfo(source="postfix", kind="postfix-hold", identity=identity,
+                       location="ABC123", queue_id="ABC123", sender="a@example.net",
+                       recipients=("b@example.org", "c@example.org"), direction="inbound",
+                       size=100, content_hash=kw.pop("content_hash", "h" * 64))
+    stored = store.record_scans([ScanRecord(
+        message=info, verdict=verdict, signature=kw.pop("signature", None), detail=None,
+        fingerprint=kw.pop("fingerprint", "ClamAV 1.4.6/27001/x"), duration_ms=3,
+        trigger=kw.pop("trigger", "arrival"), cached=False, state=DONE)])
+    return stored[0].message_id
+
+
+def fresh_database_url(db_url: str, tmp_path: Path) -> str:
+    """An empty (unmigrated) database of the same kind as db_url."""
+    if db_url.startswith("sqlite"):
+        return f"sqlite:///{tmp_path / 'empty.db'}"
+    from sqlalchemy import create_engine
+
+    name = "spoolscan_empty_" + os.urandom(4).hex()
+    admin = create_engine(db_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return db_url.rsplit("/", 1)[0] + "/" + name
+
+
+def test_upgrade_from_empty_creates_tables_and_view(db_url, tmp_path):
+    engine = create_engine_for(fresh_database_url(db_url, tmp_path))
+    upgrade(engine)
+    insp = inspect(engine)
+    assert {"messages", "scans", "actions", "fingerprints"} <= set(insp.get_table_names())
+    assert "v_scans" in insp.get_view_names()
+    current, head = schema_status(engine)
+    assert current == head
+    engine.dispose()
+
+
+def test_v_scans_has_the_documented_columns(store):
+    record(store)
+    with store.engine.connect() as conn:
+        row = conn.execute(text("SELECT * FROM v_scans")).mappings().one()
+    assert V_SCANS_COLUMNS <= set(row.keys())
+    assert row["queue_id"] == "ABC123" and row["verdict"] == "clean"
+    assert row["recipients"] == "b@example.org, c@example.org"
+
+
+def test_v_scans_shows_the_latest_action(store):
+    message_id = record(store, verdict="infected", signature="Eicar")
+    with store.engine.connect() as conn:
+        scan_id = conn.execute(text("SELECT max(id) FROM scans")).scalar()
+    store.record_action(message_id, scan_id, "quarantine", "failed", "disk full")
+    store.record_action(message_id, scan_id, "quarantine", "ok")
+    with store.engine.connect() as conn:
+        row = conn.execute(text("SELECT action, action_outcome FROM v_scans")).one()
+    assert tuple(row) == ("quarantine", "ok")
+
+
+def test_cached_verdict_needs_same_content_and_fingerprint(store):
+    record(store, content_hash="a" * 64, verdict="infected", signature="X")
+    assert store.cached_verdict("a" * 64, "ClamAV 1.4.6/27001/x").signature == "X"
+    assert store.cached_verdict("a" * 64, "ClamAV 1.4.6/27002/y") is None
+    assert store.cached_verdict("b" * 64, "ClamAV 1.4.6/27001/x") is None
+
+
+def test_unchecked_verdicts_are_never_cached(store):
+    record(store, content_hash="c" * 64, verdict="unchecked")
+    assert store.cached_verdict("c" * 64, "ClamAV 1.4.6/27001/x") is None
+
+
+def test_a_message_is_one_row_however_often_it_is_scanned(store):
+    record(store, identity="same")
+    record(store, identity="same", trigger="rescan")
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM messages")).scalar() == 1
+        assert conn.execute(text("SELECT count(*) FROM scans")).scalar() == 2
+
+
+def test_clean_then_infected_on_rescan_is_retroactive(store):
+    record(store, identity="m", verdict="clean")
+    record(store, identity="m", verdict="infected", signature="New.Sig", trigger="rescan",
+           fingerprint="ClamAV 1.4.6/27002/y")
+    with store.engine.connect() as conn:
+        row = conn.execute(text("SELECT previous_verdict, retroactive FROM v_scans "
+                                "WHERE verdict = 'infected'")).one()
+    assert row[0] == "clean" and bool(row[1]) is True
+
+
+def test_new_fingerprint_is_noted_once(store):
+    assert store.note_fingerprint("ClamAV 1.4.6/27001/x") is True
+    assert store.note_fingerprint("ClamAV 1.4.6/27001/x") is False
+    assert store.latest_fingerprint() == "ClamAV 1.4.6/27001/x"
+
+
+def test_alembic_command_line_upgrades_from_the_repository_root(db_url, tmp_path):
+    url = fresh_database_url(db_url, tmp_path)
+    env = {**os.environ, "SPOOLSCAN_DATABASE_URL": url}
+    result = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO,
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    engine = create_engine_for(url)
+    assert "v_scans" in inspect(engine).get_view_names()
+    engine.dispose()
+
+
+def test_installed_wheel_carries_the_migrations(tmp_path):
+    """A non-editable install (a built wheel) can run `spoolscan db upgrade`."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist"), str(REPO)], check=True,
+                   capture_output=True)
+    wheel = next((tmp_path / "dist").glob("spoolscan-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "spoolscan/migrations/env.py" in names
+    assert any(n.startswith("spoolscan/migrations/versions/") for n in names)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True)
+    url = f"sqlite:///{tmp_path / 'wheel.db'}"
+    result = subprocess.run([sys.executable, "-m", "spoolscan", "db", "upgrade"],
+                            cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(target),
+                                 "SPOOLSCAN_DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    assert str(target) in subprocess.run(
+        [sys.executable, "-c", "import spoolscan; print(spoolscan.__file__)"], cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True).stdout
