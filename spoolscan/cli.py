@@ -51,7 +51,7 @@ def _open_store(config: Config, auto_create: bool = True):  # type: ignore[no-un
 def cmd_scan(args: argparse.Namespace, config: Config) -> int:
     from spoolscan.scan_paths import scan_paths
     from spoolscan.scanner import ClamdScanner
-    from spoolscan.worker import ScanService
+    from spoolscan.scanning import ScanService
 
     store = None if args.no_store else _open_store(config)
     scanner = ClamdScanner(config.clamd, max_size=config.policy.max_size)

@@ -21,7 +21,7 @@ from typing import TextIO
 from spoolscan import maildir
 from spoolscan.scanner import CLEAN, ERROR, INFECTED, UNCHECKED
 from spoolscan.store.repo import DONE, RETRY, MessageInfo, ScanRecord, Store
-from spoolscan.worker import Job, Outcome, ScanService, open_file, run_jobs
+from spoolscan.scanning import Job, Outcome, ScanService, open_file, run_jobs
 
 log = logging.getLogger(__name__)
 

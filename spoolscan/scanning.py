@@ -1,4 +1,4 @@
-"""The scanning pipeline: jobs in, outcomes out, with bounded concurrency.
+"""Scanning: jobs in, outcomes out, with bounded concurrency.
 
 A *job* is one message to scan, described by its source: what it is (``MessageInfo``)
 and how to open its content.  The pipeline hashes the content, reuses a stored verdict
