@@ -89,6 +89,21 @@ class StoredScan:
 
 
 @dataclass(frozen=True)
+class ActionRecord:
+    """What was done to a message, and the state it leaves the message in."""
+
+    message_id: int
+    scan_id: int | None
+    action: str  # release | quarantine | delete | hold | leave | restore
+    outcome: str  # ok | failed | gone | pending
+    detail: str | None = None
+    state: str | None = None
+    quarantine_path: str | None = None
+    original_path: str | None = None
+    location: str | None = None
+
+
+@dataclass(frozen=True)
 class CachedVerdict:
     verdict: str
     signature: str | None
@@ -211,22 +226,31 @@ class Store:
     def record_action(self, message_id: int, scan_id: int | None, action: str, outcome: str,
                       detail: str | None = None, *, state: str | None = None,
                       quarantine_path: str | None = None, original_path: str | None = None,
-                      location: str | None = None) -> int:
+                      location: str | None = None) -> None:
         """Record what was done to a message (and move it to ``state``)."""
+        self.record_actions([ActionRecord(message_id, scan_id, action, outcome, detail, state,
+                                          quarantine_path, original_path, location)])
+
+    def record_actions(self, records: Sequence[ActionRecord]) -> None:
+        """Record a batch of actions in one transaction."""
+        if not records:
+            return
         now = utcnow()
         with self.engine.begin() as conn:
-            action_id = conn.execute(insert(actions).values(
-                message_id=message_id, scan_id=scan_id, action=action, requested_at=now,
-                completed_at=now if outcome != "pending" else None, outcome=outcome,
-                detail=detail, quarantine_path=quarantine_path, original_path=original_path,
-            ).returning(actions.c.id)).scalar_one()
-            changes: dict[str, object] = {"updated_at": now}
-            if state:
-                changes["state"] = state
-            if location:
-                changes["location"] = location
-            conn.execute(update(messages).where(messages.c.id == message_id).values(**changes))
-        return action_id
+            for r in records:
+                conn.execute(insert(actions).values(
+                    message_id=r.message_id, scan_id=r.scan_id, action=r.action,
+                    requested_at=now, completed_at=now if r.outcome != "pending" else None,
+                    outcome=r.outcome, detail=r.detail, quarantine_path=r.quarantine_path,
+                    original_path=r.original_path,
+                ))
+                changes: dict[str, object] = {"updated_at": now}
+                if r.state:
+                    changes["state"] = r.state
+                if r.location:
+                    changes["location"] = r.location
+                conn.execute(update(messages).where(messages.c.id == r.message_id)
+                             .values(**changes))
 
     def set_state(self, message_ids: Iterable[int], state: str, detail: str | None = None
                   ) -> None:
@@ -280,18 +304,22 @@ class Store:
     def rescan_candidates(self, since: datetime | None, fingerprint: str,
                           source: str | None = None, batch: int = 1000
                           ) -> Iterator[list[dict]]:
-        """Messages seen since ``since`` whose content has no scan under ``fingerprint``.
+        """Messages to rescan under ``fingerprint``: seen since ``since``, not known to be
+        infected already, not gone, and without a definite scan under this fingerprint.
 
-        Yields batches ordered by id, so a restarted rescan resumes where it stopped:
-        finished content has a scan under the fingerprint and is not yielded again.
+        Every copy of a content is a candidate of its own (each copy may need to be
+        quarantined); copies after the first are answered from the cache.  Batches come
+        in id order, so a restarted rescan resumes where it stopped: a message finished
+        under this fingerprint has a scan under it and is not yielded again.
         """
         last_id = 0
-        done = select(scans.c.id).where(scans.c.content_hash == messages.c.content_hash,
-                                        scans.c.fingerprint == fingerprint,
-                                        scans.c.verdict.in_((CLEAN, INFECTED)))
+        finished = select(scans.c.id).where(scans.c.message_id == messages.c.id,
+                                            scans.c.fingerprint == fingerprint,
+                                            scans.c.verdict.in_((CLEAN, INFECTED)))
         while True:
-            conds = [messages.c.id > last_id, messages.c.state.not_in((GONE,)),
-                     messages.c.content_hash.is_not(None), ~done.exists()]
+            conds = [messages.c.id > last_id, messages.c.state != GONE,
+                     or_(messages.c.verdict.is_(None), messages.c.verdict != INFECTED),
+                     ~finished.exists()]
             if since is not None:
                 conds.append(messages.c.first_seen_at >= since)
             if source is not None:
