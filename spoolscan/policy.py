@@ -71,8 +71,9 @@ def decide(verdict: Verdict, *, held: bool, attempts: int, policy: PolicyConfig,
     assert verdict.verdict in (UNCHECKED, ERROR)
     attempts_now = attempts + 1
     if attempts_now >= policy.max_attempts:
+        where = "held" if held else "in place"
         return Decision(kept, STUCK, f"{verdict.verdict} ({why}); gave up after "
-                                     f"{attempts_now} attempts, kept {'held' if held else 'in place'}")
+                                     f"{attempts_now} attempts, kept {where}")
     return Decision(kept, RETRY, f"{verdict.verdict} ({why}); attempt {attempts_now} of "
                                  f"{policy.max_attempts}",
                     next_attempt_at=now + retry_delay(policy, attempts_now))
