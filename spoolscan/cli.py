@@ -94,6 +94,52 @@ def cmd_db(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from spoolscan.runner import run
+
+    store = _open_store(config)
+    try:
+        return run(config, store, once=args.once)
+    finally:
+        store.close()
+
+
+def cmd_rescan(args: argparse.Namespace, config: Config) -> int:
+    from datetime import timedelta
+
+    from spoolscan.config import parse_duration
+    from spoolscan.jobs import print_summary, rescan
+    from spoolscan.runner import build_worker
+    from spoolscan.store.repo import utcnow
+
+    if args.source:
+        config.source(args.source)  # raises ConfigError for an unknown name
+    store = _open_store(config)
+    worker = build_worker(config, store, only=args.source)
+    try:
+        fingerprint = worker.service.fingerprints.refresh()
+        if fingerprint is None:
+            print("spoolscan: clamd does not answer; nothing rescanned", file=sys.stderr)
+            return EXIT_ERROR
+        if args.if_signatures_changed and not store.needs_rescan(fingerprint):
+            print(f"signatures unchanged since the last rescan ({fingerprint}): nothing to do")
+            return EXIT_OK
+        window = None if args.all else parse_duration(args.since or
+                                                      config.schedule.rescan_window)
+        since = None if window is None else utcnow() - timedelta(seconds=window)
+        worker.start(watch=False)
+        try:
+            summary = rescan(worker, since=since, source=args.source, progress=sys.stderr)
+        finally:
+            worker.stop()
+        print_summary(summary)
+        if summary.errors:
+            return EXIT_ERROR
+        return EXIT_FOUND if summary.detections else EXIT_OK
+    finally:
+        store.close()
+
+
 def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
     from spoolscan.doctor import run_checks
 
@@ -128,6 +174,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true",
                    help="scan even content already scanned under the same signatures")
     p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("run", help="the worker: watch the configured sources and act",
+                       description="Watch every configured [[source]] (the Postfix hold "
+                                   "queue, Maildir stores), scan what arrives, release / "
+                                   "quarantine / keep, and run the scheduled rescans. Stops "
+                                   "on SIGTERM after finishing the scans in flight.")
+    p.add_argument("--once", action="store_true",
+                   help="process what is there now (and what arrives meanwhile), then exit")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("rescan", help="rescan stored mail under the current signatures",
+                       description="Rescan messages seen within the window that have no "
+                                   "verdict under clamd's current signatures; new detections "
+                                   "are quarantined and marked retroactive. Resumable. Exit "
+                                   "0 nothing found, 1 new detections, 2 errors.")
+    p.add_argument("--source", metavar="NAME", help="only this configured source")
+    p.add_argument("--since", metavar="AGE", help="window, e.g. 7d, 12h (default: "
+                                                  "[schedule] rescan_window)")
+    p.add_argument("--all", action="store_true", help="every stored message, whatever age")
+    p.add_argument("--if-signatures-changed", action="store_true",
+                   help="do nothing unless the signatures changed since the last rescan")
+    p.set_defaults(func=cmd_rescan)
 
     p = sub.add_parser("version", help="spoolscan and clamd versions, signature fingerprint")
     p.set_defaults(func=cmd_version)

@@ -20,8 +20,8 @@ from typing import TextIO
 
 from spoolscan import maildir
 from spoolscan.scanner import CLEAN, ERROR, INFECTED, UNCHECKED
-from spoolscan.store.repo import DONE, RETRY, MessageInfo, ScanRecord, Store
 from spoolscan.scanning import Job, Outcome, ScanService, open_file, run_jobs
+from spoolscan.store.repo import DONE, RETRY, MessageInfo, ScanRecord, Store
 
 log = logging.getLogger(__name__)
 

@@ -313,14 +313,15 @@ class Worker:
 
     # --- running ---------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the dispatcher and committer and the sources' watchers."""
+    def start(self, watch: bool = True) -> None:
+        """Start the dispatcher and committer, and (``watch``) the sources' watchers."""
         for target, name in ((self._dispatch_loop, "dispatch"), (self._commit_loop, "commit")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        for source in self.sources.values():
-            source.start(self.submit)
+        if watch:
+            for source in self.sources.values():
+                source.start(self.submit)
 
     def sweep(self, source: Source) -> int:
         """Submit every job ``source``'s sweep finds; returns how many were queued."""

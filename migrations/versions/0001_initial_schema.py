@@ -62,6 +62,7 @@ def upgrade() -> None:
     sa.Column('fingerprint', sa.String(length=255), nullable=False),
     sa.Column('first_seen_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('last_seen_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('rescanned_at', sa.DateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('fingerprint', name=op.f('pk_fingerprints'))
     )
     op.create_table('messages',

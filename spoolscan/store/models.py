@@ -140,3 +140,5 @@ class Fingerprint(Base):
     fingerprint: Mapped[str] = mapped_column(String(255), primary_key=True)
     first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # When a rescan of the rescan window under this fingerprint last completed.
+    rescanned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

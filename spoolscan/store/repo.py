@@ -142,6 +142,19 @@ class Store:
                              .values(last_seen_at=now))
         return inserted
 
+    def needs_rescan(self, fingerprint: str) -> bool:
+        """True unless a rescan under ``fingerprint`` has completed."""
+        with self.engine.connect() as conn:
+            done = conn.execute(select(fingerprints.c.rescanned_at)
+                                .where(fingerprints.c.fingerprint == fingerprint)).scalar()
+        return done is None
+
+    def mark_rescanned(self, fingerprint: str) -> None:
+        self.note_fingerprint(fingerprint)
+        with self.engine.begin() as conn:
+            conn.execute(update(fingerprints).where(fingerprints.c.fingerprint == fingerprint)
+                         .values(rescanned_at=utcnow()))
+
     def latest_fingerprint(self) -> str | None:
         """The fingerprint most recently first seen."""
         with self.engine.connect() as conn:

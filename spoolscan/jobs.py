@@ -1,0 +1,205 @@
+"""Scheduled work: signature checks that trigger rescans, the nightly rescan, the purge.
+
+Retroactive detection: mail that was clean under yesterday's signatures may be known-bad
+today.  A rescan takes the messages seen within the rescan window that have no definite
+verdict under the *current* signature fingerprint, and sends them through the worker again
+(trigger ``rescan``): new detections are quarantined like arrivals and marked
+retroactive in the store.  Copies of one content cost one clamd scan (the cache answers
+the others).  A rescan is resumable: a message finished under the fingerprint is not a
+candidate any more, so an interrupted rescan restarted later does only what is left.
+
+The schedule is defined in the configuration and kept in memory (one scheduler per
+worker process; APScheduler job stores cannot be shared between processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TextIO
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+
+from spoolscan.config import Config
+from spoolscan.store.repo import GONE, utcnow
+from spoolscan.worker import Worker
+
+log = logging.getLogger(__name__)
+
+_DOW_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _dow_field(field: str) -> str:
+    """Translate a crontab(5) day-of-week field to APScheduler 3 names.
+
+    APScheduler 3 counts numeric weekdays from Monday = 0; crontab counts Sunday = 0 (and
+    7).  Numbers are therefore expanded to names: "1-5" → "mon,tue,wed,thu,fri".
+    """
+    if field == "*" or not any(c.isdigit() for c in field):
+        return field
+    days: list[int] = []
+    for part in field.split(","):
+        rng, _, step_text = part.partition("/")
+        step = int(step_text) if step_text else 1
+        if rng == "*":
+            lo, hi = 0, 6
+        elif "-" in rng:
+            a, b = rng.split("-", 1)
+            lo, hi = _dow_number(a), _dow_number(b)
+        else:
+            lo = hi = _dow_number(rng)
+        if hi < lo:  # e.g. "5-0" (fri..sun)
+            hi += 7
+        days.extend(d % 7 for d in range(lo, hi + 1, step))
+    return ",".join(_DOW_NAMES[d] for d in sorted(set(days)))
+
+
+def _dow_number(text: str) -> int:
+    text = text.strip().lower()
+    if text.isdigit():
+        n = int(text)
+        if not 0 <= n <= 7:
+            raise ValueError(f"day of week out of range: {text}")
+        return n % 7
+    return _DOW_NAMES.index(text[:3])
+
+
+def cron_trigger(expr: str) -> CronTrigger:
+    """A CronTrigger for a five-field crontab expression, with crontab's weekday numbers."""
+    minute, hour, day, month, dow = expr.split()
+    return CronTrigger(minute=minute, hour=hour, day=day, month=month,
+                       day_of_week=_dow_field(dow))
+
+
+# --- rescans ---------------------------------------------------------------------------
+
+
+@dataclass
+class RescanSummary:
+    fingerprint: str | None
+    candidates: int = 0
+    scanned: int = 0
+    cached: int = 0
+    detections: int = 0
+    retroactive: int = 0
+    errors: int = 0
+    gone: int = 0
+    elapsed: float = 0.0
+
+    def line(self) -> str:
+        return (f"rescan under {self.fingerprint}: {self.candidates} candidates, "
+                f"{self.scanned} scanned ({self.cached} from cache), "
+                f"{self.detections} detections ({self.retroactive} retroactive), "
+                f"{self.errors} errors, {self.gone} gone, {self.elapsed:.1f}s")
+
+
+def rescan(worker: Worker, *, since: datetime | None, source: str | None = None,
+           progress: TextIO | None = None) -> RescanSummary:
+    """Rescan stored messages seen since ``since`` (all if None) under the current
+    signatures.  The worker must be started.  Returns when the work is done."""
+    started = time.monotonic()
+    fingerprint = worker.service.fingerprints.refresh()
+    summary = RescanSummary(fingerprint)
+    if fingerprint is None:
+        log.error("rescan: clamd does not answer; nothing rescanned")
+        summary.errors = 1
+        return summary
+    before = dict(worker.stats)
+    store = worker.store
+    show = progress is not None and progress.isatty()
+    for rows in store.rescan_candidates(since, fingerprint, source):
+        gone: list[int] = []
+        for row in rows:
+            src = worker.sources.get(row["source"])
+            if src is None:
+                continue  # a source no longer configured (or `spoolscan scan` results)
+            summary.candidates += 1
+            job = src.job_for(row, "rescan")
+            if job is None:
+                gone.append(row["id"])
+                continue
+            worker.submit(job)
+            if show and progress is not None:
+                progress.write(f"\r\x1b[Krescan: {summary.candidates} queued, "
+                               f"{worker.stats['scanned'] - before.get('scanned', 0)} done")
+                progress.flush()
+        if gone:
+            store.set_state(gone, GONE, "no longer present (found by a rescan)")
+            summary.gone += len(gone)
+        # Finish this batch before asking for the next one: the query skips what is
+        # finished, so it must not race with messages still in flight.
+        worker.wait_idle(settle=0.0)
+    if show and progress is not None:
+        progress.write("\r\x1b[K")
+    after = worker.stats
+    delta = {k: after[k] - before.get(k, 0) for k in after}
+    summary.scanned = delta.get("scanned", 0)
+    summary.cached = delta.get("cached", 0)
+    summary.detections = delta.get("infected", 0)
+    summary.retroactive = delta.get("retroactive", 0)
+    summary.errors = delta.get("error", 0) + delta.get("unreadable", 0)
+    summary.elapsed = time.monotonic() - started
+    if summary.errors == 0:
+        store.mark_rescanned(fingerprint)
+    log.info(summary.line())
+    return summary
+
+
+def check_signatures(worker: Worker, window: timedelta) -> RescanSummary | None:
+    """If clamd's signatures changed since the last completed rescan, rescan the window."""
+    fingerprint = worker.service.fingerprints.refresh()
+    if fingerprint is None or not worker.store.needs_rescan(fingerprint):
+        return None
+    log.info("signatures changed (%s): rescanning mail of the last %s", fingerprint, window)
+    return rescan(worker, since=utcnow() - window)
+
+
+def purge(config: Config, worker: Worker) -> None:
+    """Drop store rows and quarantine files older than ``retention_days``."""
+    retention = timedelta(days=config.quarantine.retention_days)
+    removed = worker.store.purge(retention)
+    files = purge_quarantine_dir(Path(config.quarantine.directory), retention)
+    log.info("purge: %d message rows and %d quarantine entries older than %d days removed",
+             removed, files, config.quarantine.retention_days)
+
+
+def purge_quarantine_dir(directory: Path, retention: timedelta) -> int:
+    """Remove dated quarantine subdirectories (YYYYMMDD) older than ``retention``."""
+    if not directory.is_dir():
+        return 0
+    cutoff = (utcnow() - retention).strftime("%Y%m%d")
+    removed = 0
+    for entry in os.scandir(directory):
+        if entry.is_dir(follow_symlinks=False) and entry.name.isdigit() and \
+                len(entry.name) == 8 and entry.name < cutoff:
+            removed += sum(1 for _ in os.scandir(entry.path))
+            shutil.rmtree(entry.path)
+    return removed
+
+
+def start_scheduler(config: Config, worker: Worker) -> BackgroundScheduler:
+    """Start the background scheduler with the configured jobs."""
+    window = timedelta(seconds=config.schedule.rescan_window)
+    scheduler = BackgroundScheduler()
+    common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": 600,
+              "replace_existing": True}
+    scheduler.add_job(check_signatures, cron_trigger(config.schedule.signature_check),
+                      args=(worker, window), id="signature_check", **common)
+    scheduler.add_job(lambda: rescan(worker, since=utcnow() - window),
+                      cron_trigger(config.schedule.nightly_rescan), id="nightly_rescan",
+                      **common)
+    scheduler.add_job(purge, cron_trigger(config.schedule.purge), args=(config, worker),
+                      id="purge", **common)
+    scheduler.start()
+    return scheduler
+
+
+def print_summary(summary: RescanSummary, out: TextIO = sys.stdout) -> None:
+    print(summary.line(), file=out)
