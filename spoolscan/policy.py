@@ -71,9 +71,12 @@ def decide(verdict: Verdict, *, held: bool, attempts: int, policy: PolicyConfig,
     assert verdict.verdict in (UNCHECKED, ERROR)
     attempts_now = attempts + 1
     if attempts_now >= policy.max_attempts:
+        # Flagged for an admin and kept; still tried now and then at the longest back-off,
+        # so that mail stuck because clamd was down flows once it is back.
         where = "held" if held else "in place"
         return Decision(kept, STUCK, f"{verdict.verdict} ({why}); gave up after "
-                                     f"{attempts_now} attempts, kept {where}")
+                                     f"{attempts_now} attempts, kept {where}",
+                        next_attempt_at=now + retry_delay(policy, policy.max_attempts))
     return Decision(kept, RETRY, f"{verdict.verdict} ({why}); attempt {attempts_now} of "
                                  f"{policy.max_attempts}",
                     next_attempt_at=now + retry_delay(policy, attempts_now))

@@ -243,6 +243,16 @@ class Worker:
         acting = [p for p in items if p.decision.acts]
         results: dict[int, ActionRecord] = {}
         if acting and source is not None:
+            # Write the intent first: if we die while acting, the restart finds a pending
+            # action for a message that is no longer where it was, and knows why.
+            try:
+                self.store.record_actions([
+                    ActionRecord(p.stored.message_id, p.stored.scan_id, p.decision.action,
+                                 "pending", p.decision.reason) for p in acting])
+            except Exception as exc:
+                log.error("database unavailable, not acting on %d message(s); they stay "
+                          "where they are: %s", len(acting), exc)
+                return
             try:
                 for record in source.act(acting):
                     results[record.message_id] = record

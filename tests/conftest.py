@@ -24,11 +24,7 @@ from spoolscan.store.repo import Store
 PG_ADMIN_URL = os.environ.get("SPOOLSCAN_TEST_POSTGRES_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
-try:  # the Postfix fixtures, if that part of the suite is present
-    from fixtures_postfix import *  # noqa: F401,F403
-except ImportError:
-    pass
-
+from fixtures_postfix import *  # noqa: E402,F401,F403  (the private Postfix fixtures)
 
 # --- clamd -----------------------------------------------------------------------------
 

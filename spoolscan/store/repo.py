@@ -354,6 +354,19 @@ class Store:
                 or_(messages.c.next_attempt_at.is_(None), messages.c.next_attempt_at <= now)))
             return [dict(r._mapping) for r in rows]
 
+    def last_actions(self, message_ids: Sequence[int]) -> dict[int, dict]:
+        """The latest action row of each message that has one."""
+        out: dict[int, dict] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(message_ids), 500):
+                chunk = list(message_ids[i:i + 500])
+                latest = (select(func.max(actions.c.id))
+                          .where(actions.c.message_id.in_(chunk))
+                          .group_by(actions.c.message_id))
+                for row in conn.execute(select(actions).where(actions.c.id.in_(latest))):
+                    out[row.message_id] = dict(row._mapping)
+        return out
+
     def last_action(self, message_id: int) -> dict | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(actions).where(actions.c.message_id == message_id)

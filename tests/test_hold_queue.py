@@ -1,0 +1,321 @@
+"""The hold-queue source against a real Postfix: release, quarantine, keep held, recover.
+
+Each test gets its own private Postfix instance (``/^Received:/ HOLD``), sends real mail
+over SMTP, runs the worker and asserts where every message ends up: delivered to the
+Maildir, in quarantine, or still held, with the rows in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+from fixtures_postfix import PostfixInstance
+from mail import eicar_message, message
+from sqlalchemy import text
+
+from spoolscan.config import Config, SourceConfig
+from spoolscan.localclamd import TESTFILES_DIR, ClamdInstance
+from spoolscan.postfix.source import HoldSource, direction
+from spoolscan.runner import build_worker
+from spoolscan.store.repo import DONE, STUCK, Store
+
+RCPT = "rcpt@spoolscan.test"
+
+
+@pytest.fixture
+def postfix(tmp_path: Path):
+    instance = PostfixInstance(tmp_path / "postfix")
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def postfix_long(tmp_path: Path):
+    instance = PostfixInstance(tmp_path / "postfix-long", long_queue_ids=True)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+def hold_config(config: Config, pf: PostfixInstance, **policy) -> Config:
+    src = SourceConfig(name="postfix", type="postfix-hold", config_directory=str(pf.config_dir),
+                       sweep_interval=0.5)
+    policy = {"retry_delay": 0.2, "max_attempts": 3, "local_domains": ("spoolscan.test",),
+              **policy}
+    return replace(config, sources=(src,), policy=replace(config.policy, **policy))
+
+
+def run_until(worker, condition, timeout: float = 30.0) -> None:
+    """Run the worker (watchers + sweeps) until ``condition()`` holds."""
+    import threading
+
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError("condition not reached")
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def scans(store: Store, where: str = "1=1") -> list[dict]:
+    with store.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(text(
+            f"SELECT * FROM v_scans WHERE {where} ORDER BY scan_id")).mappings()]
+
+
+def message_rows(store: Store) -> list[dict]:
+    with store.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(text("SELECT * FROM messages")).mappings()]
+
+
+def test_mail_is_put_on_hold_by_the_test_postfix(postfix):
+    qid = postfix.send(message())
+    assert postfix.wait_held(1) == [qid]
+
+
+def test_clean_mail_is_released_and_delivered(config, store, postfix):
+    cfg = hold_config(config, postfix)
+    qid = postfix.send(message(subject="clean one"), recipients=[RCPT])
+    postfix.wait_held(1)
+    build_worker(cfg, store).run_once()
+    delivered = postfix.wait_delivered("rcpt", 1)
+    assert b"clean one" in delivered[0].read_bytes()
+    (row,) = scans(store)
+    assert (row["queue_id"], row["verdict"], row["action"], row["action_outcome"]) == \
+        (qid, "clean", "release", "ok")
+    assert row["direction"] == "inbound" and row["sender"] == "sender@example.com"
+
+
+def test_infected_mail_is_quarantined_and_never_delivered(config, store, postfix):
+    cfg = hold_config(config, postfix)
+    qid = postfix.send(eicar_message(), recipients=[RCPT])
+    postfix.wait_held(1)
+    build_worker(cfg, store).run_once()
+    assert postfix.held_ids() == []
+    time.sleep(1)
+    assert postfix.delivered("rcpt") == []
+    (row,) = scans(store)
+    assert (row["verdict"], row["action"], row["action_outcome"]) == \
+        ("infected", "quarantine", "ok")
+    with store.engine.connect() as conn:
+        qpath = conn.execute(text("SELECT quarantine_path FROM actions "
+                                 "WHERE outcome = 'ok'")).scalar()
+    quarantined = Path(qpath)
+    assert b"X5O!P%@AP" in quarantined.read_bytes() or b"WDVPIVAlQEFQ" in \
+        quarantined.read_bytes()
+    envelope = json.loads((quarantined.parent / "envelope.json").read_text())
+    assert envelope["queue_id"] == qid and envelope["recipients"] == [RCPT]
+    assert quarantined.stat().st_mode & 0o777 == 0o600
+    assert quarantined.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_clamav_testfiles_attachments_are_quarantined(config, store, postfix):
+    cfg = hold_config(config, postfix)
+    samples = ["clam.zip", "clam.pdf", "clam.7z", "clam.tar.gz", "clam.mail"]
+    for name in samples:
+        data = (TESTFILES_DIR / name).read_bytes()
+        postfix.send(message(subject=name, attachment=data, filename=name), recipients=[RCPT])
+    postfix.send(message(subject="harmless"), recipients=[RCPT])
+    postfix.wait_held(len(samples) + 1)
+    build_worker(cfg, store).run_once()
+    delivered = postfix.wait_delivered("rcpt", 1)
+    time.sleep(1)
+    assert len(postfix.delivered("rcpt")) == 1 and b"harmless" in delivered[0].read_bytes()
+    verdicts = sorted(r["verdict"] for r in scans(store))
+    assert verdicts == ["clean"] + ["infected"] * len(samples)
+    assert postfix.held_ids() == []
+
+
+def test_long_queue_ids_work_the_same(config, store, postfix_long):
+    cfg = hold_config(config, postfix_long)
+    clean = postfix_long.send(message(subject="long clean"), recipients=[RCPT])
+    bad = postfix_long.send(eicar_message(), recipients=[RCPT])
+    assert len(clean) > 12 and "z" in clean  # a long ID
+    postfix_long.wait_held(2)
+    build_worker(cfg, store).run_once()
+    postfix_long.wait_delivered("rcpt", 1)
+    rows = {r["queue_id"]: r for r in scans(store)}
+    assert rows[clean]["action"] == "release" and rows[bad]["action"] == "quarantine"
+
+
+def test_clamd_down_keeps_mail_held_then_stuck_then_drained(config, store, postfix, tmp_path):
+    private = ClamdInstance(tmp_path / "clamd2")
+    cfg = hold_config(config, postfix, max_attempts=2, retry_delay=0.3)
+    cfg = replace(cfg, clamd=replace(cfg.clamd, socket=str(private.socket_path)))
+    qid = postfix.send(message(subject="waits for clamd"), recipients=[RCPT])
+    postfix.wait_held(1)
+    worker = build_worker(cfg, store)
+
+    def stuck() -> bool:
+        return any(r["state"] == STUCK for r in message_rows(store))
+
+    run_until(worker, stuck)
+    assert postfix.held_ids() == [qid]  # never released unscanned
+    assert postfix.delivered("rcpt") == []
+    assert all(r["verdict"] == "error" for r in scans(store))
+
+    private.start()
+    try:
+        worker = build_worker(cfg, store)
+        run_until(worker, lambda: postfix.held_ids() == [], timeout=30)
+    finally:
+        private.stop()
+    postfix.wait_delivered("rcpt", 1)
+    (row,) = message_rows(store)
+    assert (row["state"], row["verdict"]) == (DONE, "clean")
+
+
+def test_unchecked_mail_stays_held(config, store, postfix):
+    cfg = hold_config(config, postfix, max_size=10_000, max_attempts=1)
+    qid = postfix.send(message(body="z" * 20_000), recipients=[RCPT])
+    postfix.wait_held(1)
+    build_worker(cfg, store).run_once()
+    assert postfix.held_ids() == [qid]
+    (row,) = message_rows(store)
+    assert (row["verdict"], row["state"]) == ("unchecked", STUCK)
+
+
+def test_committed_clean_verdict_without_release_is_released_on_restart(config, store,
+                                                                       postfix):
+    """A crash between the commit and postsuper: the next start reconciles."""
+    from spoolscan.store.repo import VERDICT, ScanRecord
+
+    cfg = hold_config(config, postfix)
+    qid = postfix.send(message(subject="crash in between"), recipients=[RCPT])
+    postfix.wait_held(1)
+    source = HoldSource(cfg.sources[0], cfg, store)
+    info, _, _ = source._examine(postfix.held_path(qid))
+    store.record_scans([ScanRecord(message=info, verdict="clean", signature=None, detail=None,
+                                   fingerprint="x", duration_ms=1, trigger="arrival",
+                                   cached=False, state=VERDICT)])
+    build_worker(cfg, store).run_once()
+    postfix.wait_delivered("rcpt", 1)
+    assert postfix.held_ids() == []
+    (row,) = message_rows(store)
+    assert row["state"] == DONE
+
+
+def write_as_postfix(path: Path, data: bytes) -> None:
+    pw = pwd.getpwnam("postfix")
+    path.write_bytes(data)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+    os.chmod(path, 0o700)
+
+
+def test_corrupt_queue_files_are_flagged_and_the_rest_flows(config, store, postfix, caplog):
+    cfg = hold_config(config, postfix, max_attempts=2, retry_delay=0.1)
+    good = postfix.send(message(subject="good"), recipients=[RCPT])
+    postfix.wait_held(1)
+    real = postfix.held_path(good).read_bytes()
+    hold = postfix.queue_dir / "hold"
+    write_as_postfix(hold / "ABCDEF12345", real[: len(real) // 2])  # truncated
+    write_as_postfix(hold / "BCDEF123456", b"garbage that is not a queue file")
+    write_as_postfix(hold / "CDEF1234567", b"")
+    worker = build_worker(cfg, store)
+
+    def settled() -> bool:
+        rows = message_rows(store)
+        return (postfix.delivered("rcpt") != [] and
+                sum(r["state"] == STUCK for r in rows) == 3)
+
+    run_until(worker, settled)
+    rows = {r["queue_id"]: r for r in message_rows(store)}
+    for bad in ("ABCDEF12345", "BCDEF123456", "CDEF1234567"):
+        assert rows[bad]["state"] == STUCK and rows[bad]["last_error"]
+        assert (hold / bad).exists()  # kept where it was, for an admin
+    assert rows[good]["state"] == DONE
+    assert "cannot be read" in caplog.text
+
+
+def test_direction_is_decided_by_local_domains():
+    local = ("example.org",)
+    assert direction("a@remote.net", ("b@example.org",), local) == "inbound"
+    assert direction("a@example.org", ("b@remote.net",), local) == "outbound"
+    assert direction("a@mail.example.org", ("b@example.org",), local) == "internal"
+    assert direction("a@example.org", ("b@example.org", "c@remote.net"), local) == "outbound"
+
+
+def test_the_log_line_starts_with_the_queue_id(config, store, postfix, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    cfg = hold_config(config, postfix)
+    qid = postfix.send(eicar_message(), recipients=[RCPT], sender="x@spoolscan.test")
+    postfix.wait_held(1)
+    build_worker(cfg, store).run_once()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(qid + ":")]
+    assert any("verdict=infected signature=Spoolscan.Test.EICAR-NDB.UNOFFICIAL "
+               "action=quarantine direction=internal from=<x@spoolscan.test> nrcpt=1" in line
+               for line in lines), lines
+
+
+def test_source_reads_queue_directory_from_postconf(config, store, postfix):
+    cfg = hold_config(config, postfix)
+    source = HoldSource(cfg.sources[0], cfg, store)
+    assert source.hold_dir == postfix.queue_dir / "hold"
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_burst_loses_nothing(config, db_url, postfix, tmp_path):
+    """SIGKILL in the middle of a 200-message burst, restart: every message ends up
+    delivered (clean) or quarantined (infected); none lost, none delivered twice."""
+    cfg = hold_config(config, postfix)
+    config_file = write_config(tmp_path / "kill.toml", cfg, extra=f"""
+[[source]]
+name = "postfix"
+type = "postfix-hold"
+config_directory = "{postfix.config_dir}"
+sweep_interval = "1s"
+""")
+    cmd = [sys.executable, "-m", "spoolscan", "--config", str(config_file)]
+    infected_subjects, clean_subjects = set(), set()
+    for i in range(200):
+        if i % 10 == 0:
+            postfix.send(eicar_message(subject=f"bad {i}"), recipients=[RCPT])
+            infected_subjects.add(f"bad {i}")
+        else:
+            postfix.send(message(subject=f"good {i}"), recipients=[RCPT])
+            clean_subjects.add(f"good {i}")
+    postfix.wait_held(200, timeout=60)
+    proc = subprocess.Popen([*cmd, "run"], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(postfix.held_ids()) > 120 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert postfix.held_ids(), "the worker finished before it could be killed"
+    subprocess.run([*cmd, "run", "--once"], check=True, capture_output=True, timeout=120)
+    postfix.wait_delivered("rcpt", len(clean_subjects), timeout=60)
+    time.sleep(1)
+    subjects = []
+    for path in postfix.delivered("rcpt"):
+        for line in path.read_bytes().splitlines():
+            if line.startswith(b"Subject: "):
+                subjects.append(line[9:].decode())
+                break
+    assert sorted(subjects) == sorted(clean_subjects)  # each once, no infected one
+    assert postfix.held_ids() == []
+    store = Store.open(db_url)
+    with store.engine.connect() as conn:
+        quarantined = conn.execute(text(
+            "SELECT count(DISTINCT message_id) FROM actions "
+            "WHERE action = 'quarantine' AND outcome = 'ok'")).scalar()
+    store.close()
+    assert quarantined == len(infected_subjects)
