@@ -24,7 +24,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s spoolscan[%(process)d]: %(levelname)s %(message)s",
-                        datefmt="%b %d %H:%M:%S")
+                        datefmt="%b %d %H:%M:%S", force=True)
     if not verbose:
         logging.getLogger("alembic").setLevel(logging.WARNING)
 
