@@ -140,6 +140,37 @@ def cmd_rescan(args: argparse.Namespace, config: Config) -> int:
         store.close()
 
 
+def cmd_report(args: argparse.Namespace, config: Config) -> int:
+    from datetime import timedelta
+
+    from spoolscan.config import parse_duration
+    from spoolscan.reports import REPORTS, render, run_report
+    from spoolscan.store.repo import utcnow
+
+    report = REPORTS[args.name]
+    if args.format == "sql":
+        text = report.sql.strip() + ";\n"
+    else:
+        try:
+            since = utcnow() - timedelta(seconds=parse_duration(args.since))
+        except ValueError:
+            print(f"spoolscan: --since must be a duration such as 7d or 12h, got "
+                  f"{args.since!r}", file=sys.stderr)
+            return EXIT_USAGE
+        store = _open_store(config, auto_create=False)
+        try:
+            columns, rows = run_report(store, args.name, since)
+        finally:
+            store.close()
+        text = render(columns, rows, args.format, f"{report.title} (since {args.since})")
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
     from spoolscan.doctor import run_checks
 
@@ -196,6 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--if-signatures-changed", action="store_true",
                    help="do nothing unless the signatures changed since the last rescan")
     p.set_defaults(func=cmd_rescan)
+
+    from spoolscan.reports import REPORTS
+
+    p = sub.add_parser("report", help="print a canned report (" + ", ".join(REPORTS) + ")",
+                       description="Reports over the v_scans view and the messages table. "
+                                   + "; ".join(f"{r.name}: {r.title}" for r in REPORTS.values())
+                                   + ". --format sql prints the query, to run by hand.")
+    p.add_argument("name", choices=sorted(REPORTS), metavar="NAME",
+                   help="one of: " + ", ".join(sorted(REPORTS)))
+    p.add_argument("--since", default="7d", metavar="AGE", help="how far back (default 7d)")
+    p.add_argument("--format", choices=("table", "csv", "json", "html", "sql"),
+                   default="table")
+    p.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("version", help="spoolscan and clamd versions, signature fingerprint")
     p.set_defaults(func=cmd_version)
