@@ -171,6 +171,17 @@ def cmd_report(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_setup(args: argparse.Namespace, config: Config) -> int:
+    from spoolscan.postfix.setup import setup_postfix
+
+    directory = args.config_directory
+    if directory is None:
+        holds = [s for s in config.sources if s.type == "postfix-hold"]
+        directory = holds[0].config_directory if holds else "/etc/postfix"
+    return setup_postfix(directory, uninstall=args.uninstall, dry_run=args.dry_run,
+                         yes=args.yes)
+
+
 def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
     from spoolscan.doctor import run_checks
 
@@ -241,6 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
                    default="table")
     p.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("setup", help="configure Postfix to hold mail for spoolscan",
+                       description="Show, then (after confirmation) apply the Postfix "
+                                   "changes spoolscan needs: a header_checks table with "
+                                   "/^Received:/ HOLD. main.cf is backed up first.")
+    setup_sub = p.add_subparsers(dest="target", metavar="TARGET", required=True)
+    sp = setup_sub.add_parser("postfix", help="hold incoming mail until spoolscan scans it")
+    sp.add_argument("--config-directory", metavar="DIR",
+                    help="Postfix config directory (default: the postfix-hold source's, "
+                         "else /etc/postfix)")
+    sp.add_argument("--dry-run", action="store_true", help="show what would change, change "
+                                                           "nothing")
+    sp.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    sp.add_argument("--uninstall", action="store_true", help="remove spoolscan's hold rule")
+    p.set_defaults(func=cmd_setup)
 
     p = sub.add_parser("version", help="spoolscan and clamd versions, signature fingerprint")
     p.set_defaults(func=cmd_version)
