@@ -14,10 +14,11 @@ Symlinks are never followed.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,8 +80,12 @@ def message_at(path: Path) -> MaildirMessage | None:
     return MaildirMessage(path=path, folder=folder, subdir=subdir, unique=unique_part(path.name))
 
 
-def iter_folder(folder: Path) -> Iterator[MaildirMessage]:
-    """Messages in one Maildir folder's new/ and cur/ (regular files only)."""
+def iter_folder(folder: Path, skipped: Callable[[str, str], None] | None = None
+                ) -> Iterator[MaildirMessage]:
+    """Messages in one Maildir folder's new/ and cur/ (regular files only).
+
+    Other entries (symlinks, FIFOs...) are logged, or passed to ``skipped(path, kind)``.
+    """
     for sub in SUBDIRS:
         try:
             it = os.scandir(folder / sub)
@@ -95,7 +100,10 @@ def iter_folder(folder: Path) -> Iterator[MaildirMessage]:
                     continue
                 if not entry.is_file(follow_symlinks=False):
                     kind = "symlink" if entry.is_symlink() else "not a regular file"
-                    log.warning("%s: skipped (%s)", entry.path, kind)
+                    if skipped is not None:
+                        skipped(entry.path, kind)
+                    else:
+                        log.warning("%s: skipped (%s)", entry.path, kind)
                     continue
                 yield MaildirMessage(path=Path(entry.path), folder=folder, subdir=sub,
                                      unique=unique_part(entry.name))
@@ -125,3 +133,81 @@ def find_current(message: MaildirMessage) -> Path | None:
         except OSError:
             continue
     return None
+
+
+# --- roots, folders and quarantine folders (used by the Maildir source) ------------------
+
+
+def find_roots(patterns: Iterable[str]) -> list[Path]:
+    """The Maildir roots matching the glob ``patterns`` (absolute, sorted, no duplicates).
+
+    A match that is a symlink is skipped with a warning: configure the real path.
+    """
+    found: dict[str, Path] = {}
+    for pattern in patterns:
+        for match in sorted(glob.glob(os.path.abspath(pattern))):
+            path = Path(match)
+            if str(path) in found:
+                continue
+            try:
+                if stat.S_ISLNK(os.lstat(path).st_mode):
+                    log.warning("%s: skipped (a symlink; configure the real path)", path)
+                    continue
+            except OSError:
+                continue
+            if is_maildir(path):
+                found[str(path)] = path
+    return sorted(found.values())
+
+
+def root_of(folder: Path) -> Path:
+    """The Maildir root of ``folder``: itself, or its parent for a Maildir++ folder."""
+    if folder.name.startswith(".") and is_maildir(folder.parent):
+        return folder.parent
+    return folder
+
+
+def message_in(path: Path, root: Path) -> MaildirMessage | None:
+    """``path`` as a message of the mailbox ``root`` (its new/ or cur/, or those of one of
+    its Maildir++ folders, not .Quarantine); None for anything else (tmp/, dot-files...).
+
+    Looks at the path only: no system call.
+    """
+    msg = message_at(path)
+    if msg is None:
+        return None
+    folder = msg.folder
+    if folder == root:
+        return msg
+    if (folder.parent == root and folder.name.startswith(".")
+            and folder.name not in (".", "..", QUARANTINE_FOLDER)):
+        return msg
+    return None
+
+
+def ensure_folder(folder: Path, like: Path) -> None:
+    """Create the Maildir++ folder ``folder`` (tmp/, new/, cur/ and an empty
+    ``maildirfolder``) where missing, with the owner, group and mode of the directory
+    ``like`` (the mailbox root), so that the mail user's IMAP server can read it."""
+    st = os.stat(like)
+    dir_mode = stat.S_IMODE(st.st_mode)
+    file_mode = dir_mode & 0o666
+    created: list[Path] = []
+    for path in (folder, folder / "tmp", folder / "new", folder / "cur"):
+        try:
+            os.mkdir(path, dir_mode)
+        except FileExistsError:
+            continue
+        created.append(path)
+    marker = folder / "maildirfolder"
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, file_mode)
+    except FileExistsError:
+        pass
+    else:
+        os.close(fd)
+        created.append(marker)
+    for path in created:
+        os.chmod(path, file_mode if path == marker else dir_mode)
+        if os.geteuid() == 0:
+            os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)

@@ -175,6 +175,12 @@ class VerdictCache:
             existing = self._inflight.get(key)
             if existing is not None:
                 return existing
+            # Another copy may have finished between the caller's get() and now.
+            done = self._lru.get(key)
+            if done is not None:
+                resolved: Future[Verdict] = Future()
+                resolved.set_result(done)
+                return resolved
             self._inflight[key] = Future()
             return None
 

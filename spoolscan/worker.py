@@ -23,11 +23,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from spoolscan.config import Config
-from spoolscan.policy import Decision, decide
+from spoolscan.policy import Decision, decide, retry_delay
 from spoolscan.scanner import CLEAN, INFECTED, ClamdScanner
 from spoolscan.scanning import Job, Outcome, ScanService
 from spoolscan.store.repo import (
@@ -269,6 +269,8 @@ class Worker:
                 record = ActionRecord(p.stored.message_id, p.stored.scan_id,
                                       p.decision.action, "ok", p.decision.reason,
                                       state=p.decision.state)
+            elif record.outcome == "failed":
+                record = self._retry_later(p, record)
             records.append(record)
             self._count(p, record)
             line = log_line(p, record)
@@ -286,6 +288,14 @@ class Worker:
         except Exception as exc:
             log.error("database unavailable, %d action(s) done but not recorded; the next "
                       "sweep reconciles: %s", len(records), exc)
+
+    def _retry_later(self, p: Pending, record: ActionRecord) -> ActionRecord:
+        """A failed action: back off like a failed scan; stuck after max_attempts."""
+        policy = self.config.policy
+        attempts = p.stored.attempts + 1
+        state = STUCK if attempts >= policy.max_attempts else RETRY
+        delay = retry_delay(policy, policy.max_attempts if state == STUCK else attempts)
+        return replace(record, state=state, next_attempt_at=utcnow() + delay)
 
     def _count(self, p: Pending, record: ActionRecord) -> None:
         self.stats["scanned"] += 1
@@ -311,10 +321,8 @@ class Worker:
         attempts = o.job.attempts + 1
         policy = self.config.policy
         if attempts >= policy.max_attempts:
-            state, when = STUCK, None
+            state, when = STUCK, utcnow() + retry_delay(policy, policy.max_attempts)
         else:
-            from spoolscan.policy import retry_delay
-
             state, when = RETRY, utcnow() + retry_delay(policy, attempts)
         self.store.note_failure(info, state, str(o.unavailable), when)
         log.warning("%s: cannot be read, kept where it is: %s (attempt %d of %d%s)", name,

@@ -101,6 +101,7 @@ class ActionRecord:
     quarantine_path: str | None = None
     original_path: str | None = None
     location: str | None = None
+    next_attempt_at: datetime | None = None  # when a failed action is tried again
 
 
 @dataclass(frozen=True)
@@ -225,9 +226,10 @@ class Store:
                 previous_verdict=prev.verdict, retroactive=retroactive,
             ).returning(scans.c.id)
         ).scalar_one()
-        attempts = prev.attempts + 1 if r.count_attempt else prev.attempts
-        if r.verdict in (CLEAN, INFECTED):
-            attempts = 0
+        # attempts counts consecutive failures (scans without a definite verdict, failed
+        # actions) since the last success; a successful action resets it.
+        failed_scan = r.verdict not in (CLEAN, INFECTED) and r.count_attempt
+        attempts = prev.attempts + 1 if failed_scan else prev.attempts
         conn.execute(update(messages).where(messages.c.id == message_id).values(
             verdict=r.verdict, signature=r.signature, state=r.state, attempts=attempts,
             next_attempt_at=r.next_attempt_at,
@@ -262,6 +264,12 @@ class Store:
                     changes["state"] = r.state
                 if r.location:
                     changes["location"] = r.location
+                if r.outcome == "ok":
+                    changes["attempts"] = 0
+                elif r.outcome == "failed":
+                    changes["attempts"] = messages.c.attempts + 1
+                    changes["next_attempt_at"] = r.next_attempt_at
+                    changes["last_error"] = r.detail
                 conn.execute(update(messages).where(messages.c.id == r.message_id)
                              .values(**changes))
 
