@@ -264,7 +264,7 @@ class Store:
                     changes["state"] = r.state
                 if r.location:
                     changes["location"] = r.location
-                if r.outcome == "ok":
+                if r.outcome == "ok" and r.state == DONE:  # finished: failures are history
                     changes["attempts"] = 0
                 elif r.outcome == "failed":
                     changes["attempts"] = messages.c.attempts + 1
