@@ -182,6 +182,53 @@ def cmd_setup(args: argparse.Namespace, config: Config) -> int:
                          yes=args.yes)
 
 
+def cmd_quarantine(args: argparse.Namespace, config: Config) -> int:
+    from datetime import timedelta
+
+    from spoolscan import quarantine as q
+    from spoolscan.config import parse_duration
+    from spoolscan.store.repo import utcnow
+
+    store = _open_store(config, auto_create=False)
+    try:
+        if args.q_command == "list":
+            since = (utcnow() - timedelta(seconds=parse_duration(args.since))
+                     if args.since else None)
+            found = q.entries(store, since)
+            for entry in found:
+                print(q.dump(entry) if args.json else q.format_entry(entry))
+            if not args.json:
+                print(f"({len(found)} message(s) in quarantine)")
+            return EXIT_OK
+        if args.q_command == "purge":
+            days = args.older_than_days or config.quarantine.retention_days
+            print(f"deleted {q.purge(store, days)} quarantined message(s) older than "
+                  f"{days} days")
+            return EXIT_OK
+        status = EXIT_OK
+        for message_id in args.ids:
+            try:
+                entry = q.get(store, message_id)
+                if args.q_command == "show":
+                    if args.json:
+                        print(q.dump(entry))
+                    else:
+                        for key, value in entry.as_json().items():
+                            print(f"{key:16} {value}")
+                        print("\n" + q.headers(entry) + "\n")
+                elif args.q_command == "release":
+                    print(f"{message_id}: released to {q.release(store, entry)}")
+                elif args.q_command == "delete":
+                    q.delete(store, entry)
+                    print(f"{message_id}: deleted")
+            except q.QuarantineError as exc:
+                print(f"spoolscan: {exc}", file=sys.stderr)
+                status = EXIT_ERROR
+        return status
+    finally:
+        store.close()
+
+
 def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
     from spoolscan.doctor import run_checks
 
@@ -267,6 +314,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     sp.add_argument("--uninstall", action="store_true", help="remove spoolscan's hold rule")
     p.set_defaults(func=cmd_setup)
+
+    p = sub.add_parser("quarantine", help="list, show, release, delete, purge quarantined "
+                                          "mail")
+    qsub = p.add_subparsers(dest="q_command", metavar="ACTION", required=True)
+    qp = qsub.add_parser("list", help="messages in quarantine, newest first")
+    qp.add_argument("--since", metavar="AGE", help="only those quarantined within AGE")
+    qp.add_argument("--json", action="store_true")
+    for name, what in (("show", "details and headers"),
+                       ("release", "put a Maildir message back where it was"),
+                       ("delete", "delete the quarantined copy")):
+        qp = qsub.add_parser(name, help=what)
+        qp.add_argument("ids", nargs="+", type=int, metavar="ID",
+                        help="message id (first column of `quarantine list`)")
+        qp.add_argument("--json", action="store_true")
+    qp = qsub.add_parser("purge", help="delete quarantined copies older than the retention")
+    qp.add_argument("--older-than-days", type=int, metavar="N",
+                    help="default: [quarantine] retention_days")
+    p.set_defaults(func=cmd_quarantine)
 
     p = sub.add_parser("version", help="spoolscan and clamd versions, signature fingerprint")
     p.set_defaults(func=cmd_version)

@@ -15,13 +15,10 @@ worker process; APScheduler job stores cannot be shared between processes).
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import TextIO
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -162,26 +159,14 @@ def check_signatures(worker: Worker, window: timedelta) -> RescanSummary | None:
 
 
 def purge(config: Config, worker: Worker) -> None:
-    """Drop store rows and quarantine files older than ``retention_days``."""
-    retention = timedelta(days=config.quarantine.retention_days)
-    removed = worker.store.purge(retention)
-    files = purge_quarantine_dir(Path(config.quarantine.directory), retention)
-    log.info("purge: %d message rows and %d quarantine entries older than %d days removed",
-             removed, files, config.quarantine.retention_days)
+    """Delete quarantined copies, then store rows, older than ``retention_days``."""
+    from spoolscan import quarantine
 
-
-def purge_quarantine_dir(directory: Path, retention: timedelta) -> int:
-    """Remove dated quarantine subdirectories (YYYYMMDD) older than ``retention``."""
-    if not directory.is_dir():
-        return 0
-    cutoff = (utcnow() - retention).strftime("%Y%m%d")
-    removed = 0
-    for entry in os.scandir(directory):
-        if entry.is_dir(follow_symlinks=False) and entry.name.isdigit() and \
-                len(entry.name) == 8 and entry.name < cutoff:
-            removed += sum(1 for _ in os.scandir(entry.path))
-            shutil.rmtree(entry.path)
-    return removed
+    days = config.quarantine.retention_days
+    files = quarantine.purge(worker.store, days)
+    removed = worker.store.purge(timedelta(days=days))
+    log.info("purge: %d quarantined message(s) and %d finished message rows older than %d "
+             "days removed", files, removed, days)
 
 
 def start_scheduler(config: Config, worker: Worker) -> BackgroundScheduler:
