@@ -46,7 +46,7 @@ def _message(subject: str, body: str, attachment: tuple[str, bytes] | None = Non
 
 def build_mailboxes(root: Path) -> list[Path]:
     """Two Maildirs (one with a Maildir++ folder) with clean and infected mail."""
-    boxes = []
+    boxes: list[Path] = []
     samples = [p for p in ("clam.zip", "clam.pdf") if (TESTFILES_DIR / p).exists()]
     for user in ("alice", "bob"):
         box = root / "vmail" / user / "Maildir"

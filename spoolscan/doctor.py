@@ -5,6 +5,7 @@ Each check prints one line, ``ok`` or ``FAIL`` with what to do about it.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from collections.abc import Callable
@@ -77,7 +78,7 @@ def run_checks(config: Config) -> int:
         ("quarantine", lambda: _check_quarantine(config)),
     ]
     for src in config.sources:
-        checks.append((f"source {src.name}", lambda src=src: _check_source(src)))
+        checks.append((f"source {src.name}", functools.partial(_check_source, src)))
     failed = 0
     for name, check in checks:
         try:

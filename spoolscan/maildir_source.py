@@ -341,10 +341,10 @@ class MaildirSource:
             if self._rescan.is_set():
                 self._rescan.clear()
                 try:
-                    for job in self.sweep():
+                    for swept in self.sweep():
                         if self._stop.is_set():
                             break
-                        submit(job)
+                        submit(swept)
                 except Exception:
                     log.exception("%s: sweep after lost events failed", self.name)
                 continue

@@ -264,13 +264,15 @@ class Worker:
                         f"{exc!r}", state=RETRY)
         records: list[ActionRecord] = []
         for p in items:
-            record = results.get(p.stored.message_id)
-            if record is None:
+            found = results.get(p.stored.message_id)
+            if found is None:
                 record = ActionRecord(p.stored.message_id, p.stored.scan_id,
                                       p.decision.action, "ok", p.decision.reason,
                                       state=p.decision.state)
-            elif record.outcome == "failed":
-                record = self._retry_later(p, record)
+            elif found.outcome == "failed":
+                record = self._retry_later(p, found)
+            else:
+                record = found
             records.append(record)
             self._count(p, record)
             line = log_line(p, record)

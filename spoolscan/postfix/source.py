@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from inotify_simple import INotify
 from inotify_simple import flags as inflags
@@ -520,7 +521,7 @@ def _mkdirs(path: Path) -> None:
     os.chmod(path.parent, 0o700)
 
 
-def _write_durably(path: Path, stream: io.RawIOBase | io.BufferedIOBase) -> None:
+def _write_durably(path: Path, stream: BinaryIO | io.RawIOBase) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with open(fd, "wb") as out:

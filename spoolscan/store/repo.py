@@ -9,18 +9,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
-from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, Table, and_, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from spoolscan.scanner import CLEAN, INFECTED
 from spoolscan.store.db import check_schema, create_engine_for
 from spoolscan.store.models import Action, Fingerprint, Message, Scan
 
-messages = Message.__table__
-scans = Scan.__table__
-actions = Action.__table__
-fingerprints = Fingerprint.__table__
+messages = cast(Table, Message.__table__)
+scans = cast(Table, Scan.__table__)
+actions = cast(Table, Action.__table__)
+fingerprints = cast(Table, Fingerprint.__table__)
 
 # Message states (the lifecycle recorded in messages.state).
 SEEN = "seen"
