@@ -68,6 +68,7 @@ class ClamdInstance:
             f"LogFile {self.log_path}\n"
             "LogTime yes\n"
             "LogClean yes\n"
+            "LogFileMaxSize 0\n"  # no rotation: scan_count() reads one file
             f"{user}"
             f"StreamMaxLength {self.stream_max}\n"
             f"MaxFileSize {self.max_file}\n"
