@@ -142,3 +142,32 @@ def test_installed_wheel_carries_the_migrations(tmp_path):
     assert str(target) in subprocess.run(
         [sys.executable, "-c", "import spoolscan; print(spoolscan.__file__)"], cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True).stdout
+
+
+def test_a_batch_may_name_the_same_message_twice(store):
+    info = MessageInfo(source="cli", kind="file", identity="/x", location="/x",
+                       content_hash="d" * 64)
+    records = [ScanRecord(message=info, verdict=v, signature=None, detail=None,
+                          fingerprint="f", duration_ms=1, trigger="manual", cached=False,
+                          state=DONE) for v in ("error", "clean")]
+    stored = store.record_scans(records)
+    assert stored[0].message_id == stored[1].message_id
+    assert stored[1].previous_verdict == "error"
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM scans")).scalar() == 2
+
+
+def test_failed_actions_count_as_attempts_and_finished_ones_reset_them(store):
+    from spoolscan.store.repo import RETRY, ActionRecord
+
+    message_id = record(store)
+    store.record_actions([ActionRecord(message_id, None, "release", "failed", "boom",
+                                       state=RETRY)])
+    store.record_actions([ActionRecord(message_id, None, "release", "failed", "boom",
+                                       state=RETRY)])
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT attempts, last_error FROM messages")).one() == \
+            (2, "boom")
+    store.record_actions([ActionRecord(message_id, None, "release", "ok", state=DONE)])
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT attempts, state FROM messages")).one() == (0, DONE)

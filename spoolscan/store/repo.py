@@ -7,11 +7,25 @@ its message row or not at all.  Callers act on mail only after ``record_scans`` 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Connection, Engine, Table, and_, func, insert, or_, select, update
+from sqlalchemy import (
+    Boolean,
+    Connection,
+    Engine,
+    Row,
+    Table,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from spoolscan.scanner import CLEAN, INFECTED
@@ -32,6 +46,42 @@ DONE = "done"
 RETRY = "retry"  # unchecked/error, kept where it is, will be scanned again
 STUCK = "stuck"  # gave up after max_attempts: still held / left, needs an admin
 GONE = "gone"  # vanished before spoolscan finished with it
+
+
+_MESSAGE_FIELDS = ("location", "queue_id", "host", "sender", "recipients", "nrcpt",
+                   "direction", "size", "content_hash", "arrived_at", "updated_at")
+
+
+def _message_values(info: MessageInfo, now: datetime) -> dict[str, object]:
+    return {
+        "location": info.location,
+        "queue_id": info.queue_id,
+        "host": info.host,
+        "sender": info.sender,
+        "recipients": ", ".join(info.recipients) if info.recipients else None,
+        "nrcpt": len(info.recipients) if info.recipients else None,
+        "direction": info.direction,
+        "size": info.size,
+        "content_hash": info.content_hash,
+        "arrived_at": info.arrived_at,
+        "updated_at": now,
+    }
+
+
+def _distinct_rounds(records: Sequence[ScanRecord]) -> Iterator[list[ScanRecord]]:
+    """Split a batch so that no message appears twice in one round (one upsert
+    statement cannot update the same row twice)."""
+    round_: list[ScanRecord] = []
+    seen: set[tuple[str, str]] = set()
+    for r in records:
+        key = (r.message.source, r.message.identity)
+        if key in seen:
+            yield round_
+            round_, seen = [], set()
+        round_.append(r)
+        seen.add(key)
+    if round_:
+        yield round_
 
 
 def utcnow() -> datetime:
@@ -182,62 +232,71 @@ class Store:
     # --- recording -------------------------------------------------------------------
 
     def record_scans(self, records: Sequence[ScanRecord]) -> list[StoredScan]:
-        """Store a batch of scans and their messages in one transaction."""
+        """Store a batch of scans and their messages in one transaction.
+
+        A few statements per batch, not per message: the store must keep up with clamd.
+        """
         if not records:
             return []
+        out: list[StoredScan] = []
         with self.engine.begin() as conn:
-            return [self._record(conn, r) for r in records]
+            for part in _distinct_rounds(records):
+                out.extend(self._record_batch(conn, part))
+        return out
+
+    def _upsert_messages(self, conn: Connection, infos: Sequence[MessageInfo],
+                         now: datetime) -> list[Row]:
+        """Insert or update message rows; returns (id, verdict, attempts) as they were
+        before this batch (the upsert does not touch verdict and attempts)."""
+        stmt = self._insert(messages)
+        # Keep what we knew when a later sighting knows less (e.g. envelope fields).
+        keep = {k: func.coalesce(stmt.excluded[k], messages.c[k]) for k in _MESSAGE_FIELDS}
+        stmt = stmt.on_conflict_do_update(index_elements=["source", "identity"], set_=keep)
+        params = [{"source": i.source, "kind": i.kind, "identity": i.identity,
+                   "first_seen_at": now, "state": SEEN, "attempts": 0,
+                   **_message_values(i, now)} for i in infos]
+        result = conn.execute(stmt.returning(messages.c.id, messages.c.verdict,
+                                             messages.c.attempts,
+                                             sort_by_parameter_order=True), params)
+        return list(result)
+
+    def _record_batch(self, conn: Connection, records: Sequence[ScanRecord]) -> list[StoredScan]:
+        now = utcnow()
+        before = self._upsert_messages(conn, [r.message for r in records], now)
+        stored: list[StoredScan] = []
+        scan_params = []
+        for r, prev in zip(records, before, strict=True):
+            retroactive = (r.trigger == "rescan" and prev.verdict == CLEAN
+                           and r.verdict == INFECTED)
+            # attempts counts consecutive failures (scans without a definite verdict,
+            # failed actions) since the last success; a finished action resets it.
+            failed_scan = r.verdict not in (CLEAN, INFECTED) and r.count_attempt
+            attempts = prev.attempts + 1 if failed_scan else prev.attempts
+            stored.append(StoredScan(prev.id, 0, prev.verdict, attempts, retroactive))
+            scan_params.append({
+                "message_id": prev.id, "scanned_at": now, "verdict": r.verdict,
+                "signature": r.signature, "detail": r.detail, "fingerprint": r.fingerprint,
+                "content_hash": r.message.content_hash, "size": r.message.size,
+                "duration_ms": r.duration_ms, "trigger": r.trigger, "cached": r.cached,
+                "previous_verdict": prev.verdict, "retroactive": retroactive,
+            })
+        scan_ids = conn.execute(insert(scans).returning(scans.c.id,
+                                                        sort_by_parameter_order=True),
+                                scan_params).scalars().all()
+        conn.execute(
+            update(messages).where(messages.c.id == bindparam("b_id")).values(
+                verdict=bindparam("b_verdict"), signature=bindparam("b_signature"),
+                state=bindparam("b_state"), attempts=bindparam("b_attempts"),
+                next_attempt_at=bindparam("b_next"), last_error=bindparam("b_error"),
+                updated_at=bindparam("b_now")),
+            [{"b_id": s.message_id, "b_verdict": r.verdict, "b_signature": r.signature,
+              "b_state": r.state, "b_attempts": s.attempts, "b_next": r.next_attempt_at,
+              "b_error": r.detail if r.verdict not in (CLEAN, INFECTED) else None,
+              "b_now": now} for r, s in zip(records, stored, strict=True)])
+        return [replace(s, scan_id=i) for s, i in zip(stored, scan_ids, strict=True)]
 
     def _upsert_message(self, conn: Connection, info: MessageInfo, now: datetime) -> int:
-        values = {
-            "location": info.location,
-            "queue_id": info.queue_id,
-            "host": info.host,
-            "sender": info.sender,
-            "recipients": ", ".join(info.recipients) if info.recipients else None,
-            "nrcpt": len(info.recipients) if info.recipients else None,
-            "direction": info.direction,
-            "size": info.size,
-            "content_hash": info.content_hash,
-            "arrived_at": info.arrived_at,
-            "updated_at": now,
-        }
-        stmt = self._insert(messages).values(
-            source=info.source, kind=info.kind, identity=info.identity, first_seen_at=now,
-            state=SEEN, attempts=0, **values,
-        )
-        # Keep what we knew when a later sighting knows less (e.g. envelope fields).
-        keep = {k: func.coalesce(stmt.excluded[k], messages.c[k]) for k in values}
-        stmt = stmt.on_conflict_do_update(index_elements=["source", "identity"], set_=keep)
-        return conn.execute(stmt.returning(messages.c.id)).scalar_one()
-
-    def _record(self, conn: Connection, r: ScanRecord) -> StoredScan:
-        now = utcnow()
-        message_id = self._upsert_message(conn, r.message, now)
-        prev = conn.execute(
-            select(messages.c.verdict, messages.c.attempts).where(messages.c.id == message_id)
-        ).one()
-        retroactive = r.trigger == "rescan" and prev.verdict == CLEAN and r.verdict == INFECTED
-        scan_id = conn.execute(
-            insert(scans).values(
-                message_id=message_id, scanned_at=now, verdict=r.verdict,
-                signature=r.signature, detail=r.detail, fingerprint=r.fingerprint,
-                content_hash=r.message.content_hash, size=r.message.size,
-                duration_ms=r.duration_ms, trigger=r.trigger, cached=r.cached,
-                previous_verdict=prev.verdict, retroactive=retroactive,
-            ).returning(scans.c.id)
-        ).scalar_one()
-        # attempts counts consecutive failures (scans without a definite verdict, failed
-        # actions) since the last success; a successful action resets it.
-        failed_scan = r.verdict not in (CLEAN, INFECTED) and r.count_attempt
-        attempts = prev.attempts + 1 if failed_scan else prev.attempts
-        conn.execute(update(messages).where(messages.c.id == message_id).values(
-            verdict=r.verdict, signature=r.signature, state=r.state, attempts=attempts,
-            next_attempt_at=r.next_attempt_at,
-            last_error=r.detail if r.verdict not in (CLEAN, INFECTED) else None,
-            updated_at=now,
-        ))
-        return StoredScan(message_id, scan_id, prev.verdict, attempts, retroactive)
+        return self._upsert_messages(conn, [info], now)[0].id
 
     def record_action(self, message_id: int, scan_id: int | None, action: str, outcome: str,
                       detail: str | None = None, *, state: str | None = None,
@@ -248,31 +307,38 @@ class Store:
                                           quarantine_path, original_path, location)])
 
     def record_actions(self, records: Sequence[ActionRecord]) -> None:
-        """Record a batch of actions in one transaction."""
+        """Record a batch of actions in one transaction (two statements)."""
         if not records:
             return
         now = utcnow()
         with self.engine.begin() as conn:
-            for r in records:
-                conn.execute(insert(actions).values(
-                    message_id=r.message_id, scan_id=r.scan_id, action=r.action,
-                    requested_at=now, completed_at=now if r.outcome != "pending" else None,
-                    outcome=r.outcome, detail=r.detail, quarantine_path=r.quarantine_path,
-                    original_path=r.original_path,
-                ))
-                changes: dict[str, object] = {"updated_at": now}
-                if r.state:
-                    changes["state"] = r.state
-                if r.location:
-                    changes["location"] = r.location
-                if r.outcome == "ok" and r.state == DONE:  # finished: failures are history
-                    changes["attempts"] = 0
-                elif r.outcome == "failed":
-                    changes["attempts"] = messages.c.attempts + 1
-                    changes["next_attempt_at"] = r.next_attempt_at
-                    changes["last_error"] = r.detail
-                conn.execute(update(messages).where(messages.c.id == r.message_id)
-                             .values(**changes))
+            conn.execute(insert(actions), [{
+                "message_id": r.message_id, "scan_id": r.scan_id, "action": r.action,
+                "requested_at": now,
+                "completed_at": now if r.outcome != "pending" else None,
+                "outcome": r.outcome, "detail": r.detail,
+                "quarantine_path": r.quarantine_path, "original_path": r.original_path,
+            } for r in records])
+            failed = bindparam("b_failed", type_=Boolean)
+            finished = bindparam("b_finished", type_=Boolean)
+            conn.execute(
+                update(messages).where(messages.c.id == bindparam("b_id")).values(
+                    updated_at=bindparam("b_now"),
+                    state=func.coalesce(bindparam("b_state"), messages.c.state),
+                    location=func.coalesce(bindparam("b_location"), messages.c.location),
+                    # A finished message's failures are history; a failed action is one.
+                    attempts=case((finished, 0),
+                                  (failed, messages.c.attempts + 1),
+                                  else_=messages.c.attempts),
+                    next_attempt_at=case((failed, bindparam("b_next")),
+                                         else_=messages.c.next_attempt_at),
+                    last_error=case((failed, bindparam("b_detail")),
+                                    else_=messages.c.last_error)),
+                [{"b_id": r.message_id, "b_now": now, "b_state": r.state,
+                  "b_location": r.location,
+                  "b_finished": r.outcome == "ok" and r.state == DONE,
+                  "b_failed": r.outcome == "failed", "b_next": r.next_attempt_at,
+                  "b_detail": r.detail} for r in records])
 
     def set_state(self, message_ids: Iterable[int], state: str, detail: str | None = None
                   ) -> None:
