@@ -136,16 +136,37 @@ class FingerprintWatch:
 class VerdictCache:
     """(content hash, fingerprint) → definite verdict: in memory (LRU), then the store.
 
+    When a fingerprint is first used, the verdicts already stored under it are loaded
+    (up to ``size``); if that was all of them, a miss in memory is a miss, and the
+    database is not asked again for each new message.
+
     Also coordinates scans in flight, so that copies of a message scanned at once cost
     one clamd scan.
     """
 
-    def __init__(self, store: Store | None, size: int = 100_000) -> None:
+    def __init__(self, store: Store | None, size: int = 50_000) -> None:
         self.store = store
         self.size = size
         self._lock = threading.Lock()
         self._lru: OrderedDict[tuple[str, str], Verdict] = OrderedDict()
         self._inflight: dict[tuple[str, str], Future[Verdict]] = {}
+        self._warmed: set[str] = set()
+        self._complete: str | None = None  # the fingerprint whose verdicts are all here
+
+    def warm(self, fingerprint: str) -> None:
+        """Load the stored verdicts for ``fingerprint`` (once per fingerprint)."""
+        with self._lock:
+            if fingerprint in self._warmed or self.store is None:
+                return
+            self._warmed.add(fingerprint)
+        rows = self.store.verdicts_under(fingerprint, limit=self.size)
+        with self._lock:
+            for content_hash, verdict, signature in rows:
+                self._lru[(content_hash, fingerprint)] = Verdict(
+                    verdict, signature=signature, fingerprint=fingerprint)
+            self._trim()
+            if len(rows) < self.size:
+                self._complete = fingerprint
 
     def get(self, key: tuple[str, str]) -> Verdict | None:
         with self._lock:
@@ -153,6 +174,8 @@ class VerdictCache:
             if hit is not None:
                 self._lru.move_to_end(key)
                 return hit
+            if self._complete == key[1]:
+                return None  # everything stored under this fingerprint is in memory
         if self.store is None:
             return None
         row = self.store.cached_verdict(*key)
@@ -166,8 +189,12 @@ class VerdictCache:
         with self._lock:
             self._lru[key] = verdict
             self._lru.move_to_end(key)
-            while len(self._lru) > self.size:
-                self._lru.popitem(last=False)
+            self._trim()
+
+    def _trim(self) -> None:
+        while len(self._lru) > self.size:
+            self._lru.popitem(last=False)
+            self._complete = None  # evicted entries must be looked up again
 
     def claim(self, key: tuple[str, str]) -> Future[Verdict] | None:
         """None if the caller should scan (and later ``release``); else a future to wait on."""
@@ -218,6 +245,7 @@ class ScanService:
                 fingerprint = self.fingerprints.current()
                 key = (digest, fingerprint) if fingerprint else None
                 if key and self.use_cache:
+                    self.cache.warm(key[1])
                     hit = self.cache.get(key)
                     if hit is not None:
                         return Outcome(job, info, replace(hit, duration_ms=0), cached=True)

@@ -171,3 +171,9 @@ def test_failed_actions_count_as_attempts_and_finished_ones_reset_them(store):
     store.record_actions([ActionRecord(message_id, None, "release", "ok", state=DONE)])
     with store.engine.connect() as conn:
         assert conn.execute(text("SELECT attempts, state FROM messages")).one() == (0, DONE)
+
+
+def test_schema_head_constant_matches_the_migrations():
+    from spoolscan.store.db import SCHEMA_HEAD, alembic_head
+
+    assert SCHEMA_HEAD == alembic_head()

@@ -8,15 +8,19 @@ scanner threads) do not block the writer; PostgreSQL is reached through psycopg 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 
 import spoolscan
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
+# The newest migration in migrations/versions.  Checked against Alembic by the tests; kept
+# here so that starting spoolscan does not have to load Alembic to check the schema.
+SCHEMA_HEAD = "0001"
 
 
 class StoreError(Exception):
@@ -63,6 +67,8 @@ def migrations_dir() -> Path:
 
 
 def _alembic_config(url: str) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", _normalise_url(url).replace("%", "%%"))
@@ -71,29 +77,43 @@ def _alembic_config(url: str) -> AlembicConfig:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the schema up to ``revision`` (Alembic upgrade)."""
+    from alembic import command
+
     cfg = _alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
 
 
+def current_revision(engine: Engine) -> str | None:
+    """The schema revision the database is at (None: no schema yet)."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
 def schema_status(engine: Engine) -> tuple[str | None, str]:
     """(current revision in the database, head revision of the code)."""
-    cfg = _alembic_config(engine.url.render_as_string(hide_password=False))
-    head = ScriptDirectory.from_config(cfg).get_current_head() or ""
-    with engine.connect() as conn:
-        current = MigrationContext.configure(conn).get_current_revision()
-    return current, head
+    return current_revision(engine), SCHEMA_HEAD
+
+
+def alembic_head() -> str:
+    """The head revision according to Alembic's scripts (slow: loads Alembic)."""
+    from alembic.script import ScriptDirectory
+
+    cfg = _alembic_config("sqlite://")
+    return ScriptDirectory.from_config(cfg).get_current_head() or ""
 
 
 def check_schema(engine: Engine) -> None:
     """Raise StoreError unless the database is migrated to the code's head revision."""
     try:
-        current, head = schema_status(engine)
+        current = current_revision(engine)
     except Exception as exc:  # connection errors of any driver
         raise StoreError(f"cannot open the database {engine.url!r}: {exc}") from exc
-    if current != head:
+    if current != SCHEMA_HEAD:
         raise StoreError(
             f"the database is at schema revision {current or 'none'}, this spoolscan needs "
-            f"{head}: run `spoolscan db upgrade`"
+            f"{SCHEMA_HEAD}: run `spoolscan db upgrade`"
         )

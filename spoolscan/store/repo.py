@@ -229,6 +229,20 @@ class Store:
             ).first()
         return CachedVerdict(row.verdict, row.signature) if row else None
 
+    def verdicts_under(self, fingerprint: str, limit: int
+                       ) -> list[tuple[str, str, str | None]]:
+        """(content hash, verdict, signature) of definite verdicts under ``fingerprint``,
+        the most recent first, at most ``limit`` distinct contents."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(scans.c.content_hash, scans.c.verdict, scans.c.signature)
+                .where(scans.c.fingerprint == fingerprint,
+                       scans.c.verdict.in_((CLEAN, INFECTED)),
+                       scans.c.content_hash.is_not(None))
+                .group_by(scans.c.content_hash, scans.c.verdict, scans.c.signature)
+                .order_by(func.max(scans.c.id).desc()).limit(limit))
+            return [(h, v, sig) for h, v, sig in rows]
+
     # --- recording -------------------------------------------------------------------
 
     def record_scans(self, records: Sequence[ScanRecord]) -> list[StoredScan]:
