@@ -122,6 +122,8 @@ def rescan(worker: Worker, *, since: datetime | None, source: str | None = None,
             if job is None:
                 gone.append(row["id"])
                 continue
+            if row["content_hash"] and row["size"] is not None:
+                job.known_content = (row["content_hash"], row["size"])
             worker.submit(job)
             if show and progress is not None:
                 progress.write(f"\r\x1b[Krescan: {summary.candidates} queued, "

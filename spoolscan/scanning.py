@@ -60,6 +60,11 @@ class Job:
     trigger: str = "arrival"  # arrival | rescan | manual
     payload: Any = None  # source-specific data carried to the action step
     attempts: int = 0
+    # (content hash, size) recorded when the message was first scanned.  Rescans use it
+    # instead of reading the content again when the size is unchanged: delivered mail is
+    # not modified in place (Maildir, Postfix queue files), so only new signatures
+    # matter, and most answers then come from the cache without any I/O.
+    known_content: tuple[str, int] | None = None
 
 
 @dataclass
@@ -238,7 +243,11 @@ class ScanService:
         """Hash, look up, scan.  Never raises for a problem with the message or clamd."""
         try:
             with job.open() as opened:
-                digest, size = content_hash(opened.stream)
+                known = job.known_content
+                if known is not None and opened.size is not None and opened.size == known[1]:
+                    digest, size = known
+                else:
+                    digest, size = content_hash(opened.stream)
                 info = replace(job.info, content_hash=digest, size=size)
                 # Read the fingerprint before scanning: the stamp may be older than the
                 # signatures used, never newer (see ClamdScanner.fingerprint).
@@ -256,13 +265,14 @@ class ScanService:
                             return Outcome(job, info, replace(verdict, duration_ms=0),
                                            cached=True)
                         key = None  # the other scan failed: scan this copy ourselves
-                verdict = Verdict(ERROR, detail="not scanned")
+                verdict = Verdict(ERROR, detail="not scanned", fingerprint=fingerprint)
                 try:
-                    verdict = self._scan_content(job, opened, size)
+                    verdict = replace(self._scan_content(job, opened, size),
+                                      fingerprint=fingerprint)
                 finally:
                     if key and self.use_cache:
                         self.cache.release(key, verdict)
-                return Outcome(job, info, replace(verdict, fingerprint=fingerprint))
+                return Outcome(job, info, verdict)
         except ContentUnavailable as exc:
             detail = str(exc)
             return Outcome(job, job.info, Verdict(ERROR, detail=detail), unavailable=exc)

@@ -162,3 +162,18 @@ def test_console_script_runs(config_file, tmp_path):
                              "scan", str(tmp_path / "m.eml")], capture_output=True, text=True)
     assert result.returncode == 1
     assert "Spoolscan.Test.EICAR-NDB.UNOFFICIAL FOUND" in result.stdout
+
+
+def test_cached_verdicts_are_stamped_with_the_signature_fingerprint(capsys, config_file,
+                                                                    tmp_path, db_url):
+    (tmp_path / "copies").mkdir()
+    content = message(subject="stamped")
+    for i in range(5):
+        (tmp_path / "copies" / f"c{i}.eml").write_bytes(content)
+    run_scan(capsys, config_file, str(tmp_path / "copies"))
+    store = Store.open(db_url)
+    with store.engine.connect() as conn:
+        rows = conn.execute(text("SELECT cached, fingerprint FROM scans")).all()
+    store.close()
+    assert len(rows) == 5 and any(cached for cached, _ in rows)
+    assert all(fp and fp.startswith("ClamAV") for _, fp in rows)
