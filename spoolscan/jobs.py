@@ -100,7 +100,14 @@ class RescanSummary:
 def rescan(worker: Worker, *, since: datetime | None, source: str | None = None,
            progress: TextIO | None = None) -> RescanSummary:
     """Rescan stored messages seen since ``since`` (all if None) under the current
-    signatures.  The worker must be started.  Returns when the work is done."""
+    signatures.  The worker must be started.  Returns when the work is done.
+
+    Three passes, so that copies cost almost nothing: (1) one message per distinct
+    content goes through the worker (clamd, or the cache); (2) copies of content now known
+    clean, whose message was clean and finished, are recorded in one SQL statement (a
+    cached scan each); (3) whatever is left (copies of new detections, which must be
+    quarantined one by one, and messages waiting for a retry) goes through the worker.
+    """
     started = time.monotonic()
     fingerprint = worker.service.fingerprints.refresh()
     summary = RescanSummary(fingerprint)
@@ -111,36 +118,20 @@ def rescan(worker: Worker, *, since: datetime | None, source: str | None = None,
     before = dict(worker.stats)
     store = worker.store
     show = progress is not None and progress.isatty()
-    for rows in store.rescan_candidates(since, fingerprint, source):
-        gone: list[int] = []
-        for row in rows:
-            src = worker.sources.get(row["source"])
-            if src is None:
-                continue  # a source no longer configured (or `spoolscan scan` results)
-            summary.candidates += 1
-            job = src.job_for(row, "rescan")
-            if job is None:
-                gone.append(row["id"])
-                continue
-            if row["content_hash"] and row["size"] is not None:
-                job.known_content = (row["content_hash"], row["size"])
-            worker.submit(job)
-            if show and progress is not None:
-                progress.write(f"\r\x1b[Krescan: {summary.candidates} queued, "
-                               f"{worker.stats['scanned'] - before.get('scanned', 0)} done")
-                progress.flush()
-        if gone:
-            store.set_state(gone, GONE, "no longer present (found by a rescan)")
-            summary.gone += len(gone)
-        # Finish this batch before asking for the next one: the query skips what is
-        # finished, so it must not race with messages still in flight.
-        worker.wait_idle(settle=0.0)
+
+    contents: set[str] = set()
+    summary.candidates = _feed(worker, since, source, fingerprint, summary, contents,
+                               progress if show else None)
+    copies = store.record_clean_copies(fingerprint, since, source)
+    contents.clear()
+    _feed(worker, since, source, fingerprint, summary, None, progress if show else None)
     if show and progress is not None:
         progress.write("\r\x1b[K")
+
     after = worker.stats
     delta = {k: after[k] - before.get(k, 0) for k in after}
-    summary.scanned = delta.get("scanned", 0)
-    summary.cached = delta.get("cached", 0)
+    summary.scanned = delta.get("scanned", 0) + copies
+    summary.cached = delta.get("cached", 0) + copies
     summary.detections = delta.get("infected", 0)
     summary.retroactive = delta.get("retroactive", 0)
     summary.errors = delta.get("error", 0) + delta.get("unreadable", 0)
@@ -149,6 +140,45 @@ def rescan(worker: Worker, *, since: datetime | None, source: str | None = None,
         store.mark_rescanned(fingerprint)
     log.info(summary.line())
     return summary
+
+
+def _feed(worker: Worker, since: datetime | None, source: str | None, fingerprint: str,
+          summary: RescanSummary, first_of_content: set[str] | None,
+          progress: TextIO | None) -> int:
+    """Submit the candidates (only the first message of each content when
+    ``first_of_content`` is given); returns how many candidates there were."""
+    store = worker.store
+    seen = 0
+    for rows in store.rescan_candidates(since, fingerprint, source):
+        gone: list[int] = []
+        for row in rows:
+            src = worker.sources.get(row["source"])
+            if src is None:
+                continue  # a source no longer configured (or `spoolscan scan` results)
+            seen += 1
+            digest = row["content_hash"]
+            if first_of_content is not None:
+                if digest in first_of_content:
+                    continue
+                first_of_content.add(digest)
+            job = src.job_for(row, "rescan")
+            if job is None:
+                gone.append(row["id"])
+                continue
+            if digest and row["size"] is not None:
+                job.known_content = (digest, row["size"])
+            worker.submit(job)
+            if progress is not None:
+                progress.write(f"\r\x1b[Krescan: {seen} candidates, "
+                               f"{worker.stats['scanned']} scanned")
+                progress.flush()
+        if gone:
+            store.set_state(gone, GONE, "no longer present (found by a rescan)")
+            summary.gone += len(gone)
+        # Finish this batch before asking for the next one: the query skips what is
+        # finished, so it must not race with messages still in flight.
+        worker.wait_idle(settle=0.0)
+    return seen
 
 
 def check_signatures(worker: Worker, window: timedelta) -> RescanSummary | None:

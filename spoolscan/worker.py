@@ -16,6 +16,7 @@ scanned is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -121,8 +122,9 @@ class Worker:
         self.service = ScanService(scanner=scanner, store=store)
         self.sources = {s.name: s for s in sources}
         self.stats: Counter[str] = Counter()
-        self._jobs: queue.Queue[Job] = queue.Queue(maxsize=JOB_QUEUE_SIZE)
-        self._outcomes: queue.Queue[Outcome] = queue.Queue()
+        # None in either queue only wakes its reader (see stop()).
+        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=JOB_QUEUE_SIZE)
+        self._outcomes: queue.Queue[Outcome | None] = queue.Queue()
         self._slots = threading.BoundedSemaphore(OPEN_LIMIT)
         self._keys: set[tuple[str, str]] = set()
         self._keys_lock = threading.Lock()
@@ -167,6 +169,8 @@ class Worker:
                 job = self._jobs.get(timeout=0.2)
             except queue.Empty:
                 continue
+            if job is None:  # woken up by stop()
+                continue
             self._slots.acquire()
             self._pool.submit(self._scan, job)
 
@@ -175,20 +179,23 @@ class Worker:
 
     def _commit_loop(self) -> None:
         while True:
+            if self._halt.is_set() and self.in_pipeline() == 0:
+                return
             try:
                 first = self._outcomes.get(timeout=0.2)
             except queue.Empty:
-                if self._halt.is_set() and self.in_pipeline() == 0:
-                    return
+                continue
+            if first is None:  # woken up by stop()
                 continue
             batch = [first]
             deadline = time.monotonic() + 0.02  # gather what finishes together
             while len(batch) < 200:
                 try:
-                    batch.append(self._outcomes.get(timeout=max(0.0, deadline -
-                                                                time.monotonic())))
+                    more = self._outcomes.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
+                if more is not None:
+                    batch.append(more)
             try:
                 self.process(batch)
             except Exception:
@@ -375,6 +382,9 @@ class Worker:
             except Exception:
                 log.exception("%s: error while stopping", source.name)
         self._halt.set()
+        with contextlib.suppress(queue.Full):
+            self._jobs.put_nowait(None)
+        self._outcomes.put(None)
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))

@@ -193,3 +193,29 @@ def test_cron_weekday_ranges_and_steps():
     assert _dow_field("*/2") == "sun,tue,thu,sat"
     assert _dow_field("5-7") == "sun,fri,sat"
     assert _dow_field("mon-fri") == "mon-fri"
+
+
+def test_copies_cost_one_scan_and_every_infected_copy_is_quarantined(config, store, tmp_path,
+                                                                    updatable_clamd):
+    clean = message(subject="copy, clean")
+    marked = message(subject="copy, marked", body=MARKER.decode() + "\n")
+    copies = []
+    for i in range(6):
+        box = make_maildir(tmp_path / "vmail" / f"u{i}" / "Maildir")
+        deliver(box, f"Delivered-To: u{i}@example.org\n".encode() + clean)
+        copies.append(deliver(box, f"Delivered-To: u{i}@example.org\n".encode() + marked))
+    cfg = maildir_config(config, updatable_clamd, str(tmp_path / "vmail" / "*" / "Maildir"))
+    build_worker(cfg, store).run_once()
+    updatable_clamd.publish_daily(27002, extra_ndb=(NEW_SIGNATURE,))
+    before = updatable_clamd.scan_count()
+    worker = build_worker(cfg, store)
+    worker.start(watch=False)
+    try:
+        summary = rescan(worker, since=None)
+    finally:
+        worker.stop()
+    assert updatable_clamd.scan_count() - before == 2  # one per distinct content
+    assert (summary.candidates, summary.scanned, summary.retroactive) == (12, 12, 6)
+    assert not any(p.exists() for p in copies)
+    rescans = rows(store, "SELECT verdict, cached FROM scans WHERE \"trigger\" = 'rescan'")
+    assert sorted(r["verdict"] for r in rescans) == ["clean"] * 6 + ["infected"] * 6

@@ -14,6 +14,7 @@ from typing import cast
 from sqlalchemy import (
     Boolean,
     Connection,
+    DateTime,
     Engine,
     Row,
     Table,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     case,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -433,6 +435,44 @@ class Store:
                 return
             yield rows
             last_id = rows[-1]["id"]
+
+    def record_clean_copies(self, fingerprint: str, since: datetime | None,
+                            source: str | None = None) -> int:
+        """Record a cached clean scan under ``fingerprint`` for every finished, clean
+        message whose content already has a clean (and no infected) verdict under it.
+
+        One statement for any number of copies; returns how many were recorded.
+        """
+        now = utcnow()
+        same = scans.alias("same")
+        done_here = select(scans.c.id).where(scans.c.message_id == messages.c.id,
+                                             scans.c.fingerprint == fingerprint,
+                                             scans.c.verdict.in_((CLEAN, INFECTED)))
+        content_clean = select(same.c.id).where(same.c.content_hash == messages.c.content_hash,
+                                                same.c.fingerprint == fingerprint,
+                                                same.c.verdict == CLEAN)
+        content_infected = select(same.c.id).where(
+            same.c.content_hash == messages.c.content_hash, same.c.fingerprint == fingerprint,
+            same.c.verdict == INFECTED)
+        conds = [messages.c.state == DONE, messages.c.verdict == CLEAN,
+                 messages.c.content_hash.is_not(None), ~done_here.exists(),
+                 content_clean.exists(), ~content_infected.exists()]
+        if since is not None:
+            conds.append(messages.c.first_seen_at >= since)
+        if source is not None:
+            conds.append(messages.c.source == source)
+        rows = select(
+            messages.c.id, literal(now, DateTime(timezone=True)), literal(CLEAN),
+            literal(fingerprint), messages.c.content_hash, messages.c.size, literal(0),
+            literal("rescan"), literal(True), messages.c.verdict, literal(False),
+        ).where(and_(*conds))
+        columns = ["message_id", "scanned_at", "verdict", "fingerprint", "content_hash", "size",
+                   "duration_ms", "trigger", "cached", "previous_verdict", "retroactive"]
+        with self.engine.begin() as conn:
+            # Count what RETURNING gives: rowcount is not reliable for INSERT .. SELECT.
+            result = conn.execute(insert(scans).from_select(columns, rows)
+                                  .returning(scans.c.id))
+            return sum(1 for _ in result)
 
     def due_retries(self, source: str, now: datetime | None = None) -> list[dict]:
         """Messages of ``source`` waiting for a retry whose time has come."""
