@@ -434,11 +434,22 @@ def test_records_after_E_are_ignored(hold_dir):
 def test_the_content_stream_outlives_the_queue_file(hold_dir):
     with QueueFile.open(write(hold_dir, queue_file())) as qf:
         stream = qf.content()
-    assert stream.readable() and not stream.seekable()
+    assert stream.readable()
     buf = bytearray(5)
     assert stream.readinto(memoryview(buf)) == 5 and bytes(buf) == b"Subje"
     assert stream.read() == b"ct: test\n\nbody\n"
     stream.close()
+
+
+def test_the_content_stream_can_be_rewound_but_not_moved_elsewhere(hold_dir):
+    import io
+
+    with QueueFile.open(write(hold_dir, queue_file())) as qf, qf.content() as stream:
+        first = stream.read()
+        assert stream.tell() == len(first)
+        assert stream.seek(0) == 0 and stream.read() == first
+        with pytest.raises(io.UnsupportedOperation):
+            stream.seek(3)
 
 
 def test_a_closed_queue_file_has_no_content(hold_dir):

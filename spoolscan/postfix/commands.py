@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import socket
+import stat
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -38,6 +41,7 @@ __all__ = [
     "queue_directory",
     "release",
     "validate_queue_id",
+    "wake_qmgr",
 ]
 
 log = logging.getLogger(__name__)
@@ -292,6 +296,36 @@ def flush(
         else:
             accepted.add(qid)
     return accepted
+
+
+def wake_qmgr(queue_dir: PathArg) -> bool:
+    """Ask qmgr to scan the deferred queue now (the ``D`` trigger on ``public/qmgr``).
+
+    This is what makes mail released by ``postsuper -H`` go out at once: one request for
+    a whole batch, where ``postqueue -i`` would start a process per message (each of which
+    ends in the same request).  The endpoint is a UNIX socket (Debian's master.cf) or a
+    FIFO; both are handled like Postfix's own mail_trigger().  Returns False if qmgr
+    could not be reached (Postfix stopped, no permission): then use ``flush()``.
+    """
+    path = Path(queue_dir) / "public" / "qmgr"
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISSOCK(mode):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(str(path))
+                sock.sendall(b"D")
+            return True
+        if stat.S_ISFIFO(mode):
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            try:
+                os.write(fd, b"D")
+            finally:
+                os.close(fd)
+            return True
+    except OSError as exc:
+        log.debug("cannot trigger qmgr at %s: %s", path, exc)
+    return False
 
 
 def list_queue(

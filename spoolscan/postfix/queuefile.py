@@ -583,8 +583,10 @@ def _content_chunks(
 
 
 class ContentStream(io.RawIOBase):
-    """A readable, non-seekable binary stream of a queue file's message content.
+    """A readable binary stream of a queue file's message content.
 
+    It can be rewound (``seek(0)``), so that the content can be hashed and then sent to
+    clamd without parsing the file a second time; other seeks are not supported.
     Owns its own file descriptor (a duplicate), so it stays valid after the ``QueueFile``
     is closed.  Once a read has raised ``QueueFileError`` every later read raises it too.
     """
@@ -592,12 +594,34 @@ class ContentStream(io.RawIOBase):
     def __init__(self, fd: int, size: int, label: str, data_offset: int, xtra_offset: int):
         super().__init__()
         self._fd = fd
+        self._label = label
+        self._offsets = (data_offset, xtra_offset)
         self._chunks = _content_chunks(_Cursor(fd, size, label), data_offset, xtra_offset)
         self._pending = memoryview(b"")
         self._error: QueueFileError | None = None
+        self._position = 0
 
     def readable(self) -> bool:
         return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Rewind to the start (``seek(0)``), or report the position (``seek(0, 1)``)."""
+        if whence == io.SEEK_CUR and offset == 0:
+            return self._position
+        if whence != io.SEEK_SET or offset != 0:
+            raise io.UnsupportedOperation("a queue file content stream can only be rewound")
+        if self.closed:
+            raise ValueError("seek on a closed content stream")
+        self._chunks.close()
+        size = os.fstat(self._fd).st_size
+        self._chunks = _content_chunks(_Cursor(self._fd, size, self._label), *self._offsets)
+        self._pending = memoryview(b"")
+        self._error = None
+        self._position = 0
+        return 0
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         """Fill ``buffer`` with the next bytes; 0 means the end of the message."""
@@ -618,6 +642,7 @@ class ContentStream(io.RawIOBase):
         count = min(len(target), len(self._pending))
         target[:count] = self._pending[:count]
         self._pending = self._pending[count:]
+        self._position += count
         return count
 
     def close(self) -> None:

@@ -28,6 +28,8 @@ import socket
 import stat
 import subprocess
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -65,6 +67,8 @@ _WATCH_MASK = (inflags.CLOSE_WRITE | inflags.MOVED_TO | inflags.ATTRIB | inflags
                | inflags.DELETE_SELF)
 _LOOKUP_BATCH = 500
 _FLUSH_THREADS = 4
+_RECENT_SECONDS = 60.0
+_RECENT_MAX = 10_000
 
 
 def direction(sender: str, recipients: tuple[str, ...], local_domains: tuple[str, ...]) -> str:
@@ -121,6 +125,7 @@ class HoldSource:
         self._thread: threading.Thread | None = None
         self._inotify: INotify | None = None
         self._watches: dict[int, Path] = {}
+        self._recent: OrderedDict[tuple[str, int], float] = OrderedDict()
 
     # --- identity and jobs -----------------------------------------------------------
 
@@ -222,6 +227,7 @@ class HoldSource:
                 self._stop.wait(1.0)
                 continue
             overflow = False
+            files: dict[Path, None] = {}  # one look per file per read, in event order
             for event in events:
                 if event.mask & inflags.Q_OVERFLOW:
                     overflow = True
@@ -233,14 +239,31 @@ class HoldSource:
                 if event.mask & inflags.ISDIR:
                     if event.mask & inflags.CREATE:  # hash_queue_names gained "hold"
                         self._add_watch(path)
-                        self._submit_all(submit, _ready_files(path))
+                        files.update(dict.fromkeys(_ready_files(path)))
                     continue
-                self._submit_all(submit, [path])
+                files[path] = None
+            if files:
+                self._submit_all(submit, self._not_recent(list(files)))
             if overflow:
                 log.warning("%s: inotify queue overflowed; sweeping %s", self.name,
                             self.hold_dir)
                 for job in self.sweep():
                     submit(job)
+
+    def _not_recent(self, paths: list[Path]) -> list[Path]:
+        """Drop files already handed over a moment ago: cleanup's chmod (IN_ATTRIB) and
+        close (IN_CLOSE_WRITE) both announce one arrival."""
+        now = time.monotonic()
+        fresh = []
+        for path in paths:
+            try:
+                inode = os.lstat(path).st_ino
+            except FileNotFoundError:
+                continue
+            seen = self._recent.get((path.name, inode))
+            if seen is None or now - seen > _RECENT_SECONDS:
+                fresh.append(path)
+        return fresh
 
     def _submit_all(self, submit: Callable[[Job], bool], paths: list[Path]) -> None:
         found = [x for x in map(self._examine, paths) if x is not None]
@@ -251,6 +274,9 @@ class HoldSource:
         for info, inode, path in found:
             row = rows.get(info.identity)
             if self._wanted(row, now):
+                self._recent[(path.name, inode)] = time.monotonic()
+                while len(self._recent) > _RECENT_MAX:
+                    self._recent.popitem(last=False)
                 submit(self._job(path, info, inode, attempts=row["attempts"] if row else 0))
 
     def stop(self) -> None:
@@ -308,7 +334,7 @@ class HoldSource:
             # postqueue -i: ask again for immediate delivery (harmless if delivered).
             released = [queue_ids.get(r.message_id) for r in finished
                         if r.action == RELEASE]
-            self._flush([q for q in released if q])
+            self._deliver_now([q for q in released if q])
             self.store.record_actions(finished)
             log.info("%s: %d action(s) interrupted by a restart had completed; recorded",
                      self.name, len(finished))
@@ -373,7 +399,7 @@ class HoldSource:
             return records + [ActionRecord(p.stored.message_id, p.stored.scan_id, RELEASE,
                                            "failed", str(exc), state=RETRY) for p in ours]
         if released:
-            self._flush(sorted(released))
+            self._deliver_now(sorted(released))
         for p in ours:
             if p.outcome.info.queue_id in released:
                 records.append(ActionRecord(p.stored.message_id, p.stored.scan_id, RELEASE,
@@ -385,6 +411,12 @@ class HoldSource:
             else:
                 records.append(self._missing(p, RELEASE))
         return records
+
+    def _deliver_now(self, ids: list[str]) -> None:
+        """Released mail waits in deferred/ for the next queue run unless qmgr is told:
+        one trigger for the batch, or postqueue -i per message if qmgr cannot be reached."""
+        if ids and not commands.wake_qmgr(self.queue_dir):
+            self._flush(ids)
 
     def _flush(self, ids: list[str]) -> None:
         """Ask for immediate delivery (postqueue -i per ID), a few at a time."""
