@@ -685,3 +685,14 @@ def test_a_body_replaced_without_final_newline_still_ends_with_one(postfix_insta
     assert "regular_text: last line\n" in _verbose_postcat(postfix_instance, queue_id)
     with QueueFile.open(postfix_instance.held_path(queue_id)) as qf:
         assert qf.content().read().endswith(b"newline:\nlast line\n")
+
+
+def test_without_the_content_check_bad_content_is_found_while_reading(hold_dir):
+    bad = (rec("N", "Subject: test"), rec("R", "not content"), rec("N", "body"))
+    path = write(hold_dir, queue_file(content=bad))
+    with pytest.raises(QueueFileError):
+        QueueFile.open(path)
+    with QueueFile.open(path, check_content=False) as qf, qf.content() as stream:
+        assert qf.envelope.message_size is None
+        with pytest.raises(QueueFileError):
+            stream.read()

@@ -142,7 +142,7 @@ class Envelope:
     content_size: int
     data_offset: int
     nrcpt: int
-    message_size: int
+    message_size: int | None  # None when opened with check_content=False
     attributes: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({}), hash=False
     )
@@ -681,8 +681,11 @@ def _check_file(st: os.stat_result, label: str) -> None:
     raise QueueFileNotReady(f"{label}: not ready ({mode}; ready files have owner bits 0700)")
 
 
-def _parse(fd: int, size: int, label: str, queue_id: str) -> Envelope:
-    """Read and validate the whole file structure; see the module docstring."""
+def _parse(fd: int, size: int, label: str, queue_id: str, check_content: bool = True
+           ) -> Envelope:
+    """Read and validate the file structure; see the module docstring.  Without
+    ``check_content`` the content records are not walked (they are checked as they are
+    read) and ``message_size`` is None."""
     cur = _Cursor(fd, size, label)
     parts = _EnvelopeParts()
     _read_envelope_segment(cur, parts)
@@ -698,7 +701,8 @@ def _parse(fd: int, size: int, label: str, queue_id: str) -> Envelope:
     xtra_offset = parts.data_offset + parts.content_size
     # A header-only pass: checks that the content is complete and measures it without
     # reading the text itself.
-    message_size = sum(p.size for p in _content_pieces(cur, parts.data_offset, xtra_offset))
+    message_size = (sum(p.size for p in _content_pieces(cur, parts.data_offset, xtra_offset))
+                    if check_content else None)
     _read_extracted_segment(cur, parts, xtra_offset)
     return Envelope(
         queue_id=queue_id,
@@ -729,8 +733,12 @@ class QueueFile:
         self._label = _display_name(path)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> QueueFile:
+    def open(cls, path: str | os.PathLike[str], *, check_content: bool = True) -> QueueFile:
         """Open and validate a queue file.
+
+        ``check_content=False`` skips the walk over the content records (the envelope and
+        the extracted segment are still checked): faster, for callers that stream the
+        content anyway, which raises ``QueueFileError`` on a bad record as it reads.
 
         Raises ``QueueFileNotReady`` for a file still being written, ``QueueFileError`` for
         anything that is not a ready, well-formed queue file (symlink, directory, FIFO,
@@ -749,7 +757,7 @@ class QueueFile:
         try:
             st = os.fstat(fd)
             _check_file(st, label)
-            envelope = _parse(fd, st.st_size, label, path.name)
+            envelope = _parse(fd, st.st_size, label, path.name, check_content)
         except BaseException:
             os.close(fd)
             raise

@@ -138,7 +138,7 @@ class HoldSource:
             location=env.queue_id, queue_id=env.queue_id, host=self.host,
             sender=env.sender, recipients=env.recipients,
             direction=direction(env.sender, env.recipients, self.config.policy.local_domains),
-            size=env.message_size,
+            size=env.message_size,  # None here: known once the content is read
             arrived_at=datetime.fromtimestamp(env.arrival_time, UTC),
         )
 
@@ -168,7 +168,8 @@ class HoldSource:
         if st.st_mode & 0o700 != 0o700:
             return None  # still being written: a later event or sweep takes it
         try:
-            with QueueFile.open(path) as qf:
+            # The content is checked when it is read for scanning.
+            with QueueFile.open(path, check_content=False) as qf:
                 return self._info(qf), qf.stat.st_ino, path
         except QueueFileNotReady:
             return None
@@ -491,7 +492,7 @@ class HoldSource:
 @contextlib.contextmanager
 def _open_content(path: Path, inode: int) -> Iterator[Opened]:
     try:
-        qf = QueueFile.open(path)
+        qf = QueueFile.open(path, check_content=False)  # the stream checks as it reads
     except FileNotFoundError:
         raise ContentUnavailable(f"{path.name}: no longer in the queue", gone=True) from None
     except QueueFileError as exc:
