@@ -555,31 +555,100 @@ class _Piece(NamedTuple):
         return self.header.length + len(self.suffix)
 
 
+_N, _L = ord(REC_NORM), ord(REC_CONT)
+
+
 def _content_chunks(
     cur: _Cursor, data_offset: int, xtra_offset: int
 ) -> Generator[bytes, None, None]:
-    """Yield the message content in chunks of about ``READ_CHUNK`` bytes.
+    """Yield the message content (as ``_content_pieces`` defines it) in chunks of about
+    ``READ_CHUNK`` bytes.
 
     Short lines are coalesced so a chunk is not one line; long records are split, so no
-    chunk grows with the message.
+    chunk grows with the message.  Runs of ``N``/``L`` records that lie wholly in the
+    cursor's buffer are decoded in a tight loop (most of a message); anything else — a
+    record crossing the buffer edge, padding, pointers, ``X``, errors — takes the general
+    path one record at a time.
     """
     out = bytearray()
-    for piece in _content_pieces(cur, data_offset, xtra_offset):
-        cur.seek(piece.header.data_offset)
-        remaining = piece.header.length
-        while remaining:
-            data = cur.read(remaining)
-            if not data:
-                # The size was checked when the header was read, so the file shrank.
-                raise cur.truncated(piece.header, piece.header.length - remaining)
-            out += data
-            remaining -= len(data)
-            if len(out) >= READ_CHUNK:
+    cur.seek(data_offset)
+    pointers = _Pointers()
+    while True:
+        # Fast path: whole N/L records inside the buffer.
+        buf, base = cur._buf, cur._buf_start
+        i, n = cur.pos - base, len(buf)
+        limit = min(n, cur.size - base)  # never trust bytes past the planned size
+        if i >= 0:
+            while i < limit:
+                rtype = buf[i]
+                if rtype != _N and rtype != _L:
+                    break
+                j, length, shift = i + 1, 0, 0
+                while j < limit and shift < 7 * MAX_LENGTH_BYTES:
+                    byte = buf[j]
+                    j += 1
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if not byte & 0x80:
+                        break
+                else:
+                    break  # the length runs past the buffer: general path
+                if j + length > limit:
+                    break  # the data runs past the buffer: general path
+                out += buf[j : j + length]
+                if rtype == _N:
+                    out += b"\n"
+                i = j + length
+                if len(out) >= READ_CHUNK:
+                    cur.pos = base + i
+                    yield bytes(out)
+                    out.clear()
+            cur.pos = base + i
+        # General path: one record.
+        header = _read_header(cur)
+        if header is None:
+            raise cur.error(
+                f"message content ends at offset {cur.pos} without the 'X' record: "
+                "file truncated"
+            )
+        rtype_s = header.rtype
+        if rtype_s in (REC_NORM, REC_CONT):
+            cur.seek(header.data_offset)
+            remaining = header.length
+            while remaining:
+                data = cur.read(remaining)
+                if not data:
+                    # The size was checked when the header was read, so the file shrank.
+                    raise cur.truncated(header, header.length - remaining)
+                out += data
+                remaining -= len(data)
+                if len(out) >= READ_CHUNK:
+                    yield bytes(out)
+                    out.clear()
+            if rtype_s == REC_NORM:
+                out += b"\n"
+            cur.seek(header.end)
+        elif rtype_s == REC_DTXT:
+            cur.seek(header.end)
+        elif rtype_s == REC_PTR:
+            pointers.follow(cur, header)
+        elif rtype_s == REC_XTRA:
+            if header.offset != xtra_offset:
+                raise cur.error(
+                    f"message content ends with 'X' at offset {header.offset}, but the size "
+                    f"record says {xtra_offset}"
+                )
+            if out:
                 yield bytes(out)
-                out.clear()
-        out += piece.suffix
-    if out:
-        yield bytes(out)
+            return
+        else:
+            raise cur.error(
+                f"unexpected record type {_type_repr(rtype_s)} at offset {header.offset} "
+                "in the message content"
+            )
+        if len(out) >= READ_CHUNK:
+            yield bytes(out)
+            out.clear()
 
 
 class ContentStream(io.RawIOBase):
