@@ -319,3 +319,26 @@ sweep_interval = "1s"
             "WHERE action = 'quarantine' AND outcome = 'ok'")).scalar()
     store.close()
     assert quarantined == len(infected_subjects)
+
+
+def test_database_down_keeps_mail_held_until_it_is_back(config, store, postfix, caplog):
+    """No verdict committed, no action: with the database failing, mail stays on hold."""
+    from sqlalchemy.exc import OperationalError
+
+    cfg = hold_config(config, postfix)
+    qid = postfix.send(message(subject="db down"), recipients=[RCPT])
+    postfix.wait_held(1)
+    worker = build_worker(cfg, store)
+    real = worker.store.record_scans
+
+    def down(records):
+        raise OperationalError("INSERT", {}, Exception("connection refused"))
+
+    worker.store.record_scans = down  # type: ignore[method-assign]
+    worker.run_once()
+    assert postfix.held_ids() == [qid]
+    assert "database unavailable" in caplog.text
+    worker.store.record_scans = real  # type: ignore[method-assign]
+    build_worker(cfg, store).run_once()
+    postfix.wait_delivered("rcpt", 1)
+    assert postfix.held_ids() == []
