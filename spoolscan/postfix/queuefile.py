@@ -501,6 +501,38 @@ def _read_extracted_segment(cur: _Cursor, parts: _EnvelopeParts, xtra_offset: in
 # --------------------------------------------------------------------------- content
 
 
+def _next_text_record(cur: _Cursor, pointers: _Pointers, xtra_offset: int) -> _Header | None:
+    """The next ``N``/``L`` record of the content (cursor left at its header's end), or
+    None at the ``X`` record.  Skips ``w`` padding, follows ``p`` pointers, and raises
+    ``QueueFileError`` for truncation or a record that has no place in the content."""
+    while True:
+        header = _read_header(cur)
+        if header is None:
+            raise cur.error(
+                f"message content ends at offset {cur.pos} without the 'X' record: "
+                "file truncated"
+            )
+        rtype = header.rtype
+        if rtype in (REC_NORM, REC_CONT):
+            return header
+        if rtype == REC_DTXT:
+            cur.seek(header.end)
+        elif rtype == REC_PTR:
+            pointers.follow(cur, header)
+        elif rtype == REC_XTRA:
+            if header.offset != xtra_offset:
+                raise cur.error(
+                    f"message content ends with 'X' at offset {header.offset}, but the size "
+                    f"record says {xtra_offset}"
+                )
+            return None
+        else:
+            raise cur.error(
+                f"unexpected record type {_type_repr(rtype)} at offset {header.offset} "
+                "in the message content"
+            )
+
+
 def _content_pieces(cur: _Cursor, data_offset: int, xtra_offset: int) -> Iterator[_Piece]:
     """Yield the pieces of the message content in reading order.
 
@@ -515,33 +547,9 @@ def _content_pieces(cur: _Cursor, data_offset: int, xtra_offset: int) -> Iterato
     """
     cur.seek(data_offset)
     pointers = _Pointers()
-    while True:
-        header = _read_header(cur)
-        if header is None:
-            raise cur.error(
-                f"message content ends at offset {cur.pos} without the 'X' record: "
-                "file truncated"
-            )
-        rtype = header.rtype
-        if rtype in (REC_NORM, REC_CONT):
-            yield _Piece(header, b"\n" if rtype == REC_NORM else b"")
-            cur.seek(header.end)
-        elif rtype == REC_DTXT:
-            cur.seek(header.end)
-        elif rtype == REC_PTR:
-            pointers.follow(cur, header)
-        elif rtype == REC_XTRA:
-            if header.offset != xtra_offset:
-                raise cur.error(
-                    f"message content ends with 'X' at offset {header.offset}, but the size "
-                    f"record says {xtra_offset}"
-                )
-            return
-        else:
-            raise cur.error(
-                f"unexpected record type {_type_repr(rtype)} at offset {header.offset} "
-                "in the message content"
-            )
+    while (header := _next_text_record(cur, pointers, xtra_offset)) is not None:
+        yield _Piece(header, b"\n" if header.rtype == REC_NORM else b"")
+        cur.seek(header.end)
 
 
 class _Piece(NamedTuple):
@@ -605,47 +613,26 @@ def _content_chunks(
                     out.clear()
             cur.pos = base + i
         # General path: one record.
-        header = _read_header(cur)
+        header = _next_text_record(cur, pointers, xtra_offset)
         if header is None:
-            raise cur.error(
-                f"message content ends at offset {cur.pos} without the 'X' record: "
-                "file truncated"
-            )
-        rtype_s = header.rtype
-        if rtype_s in (REC_NORM, REC_CONT):
-            cur.seek(header.data_offset)
-            remaining = header.length
-            while remaining:
-                data = cur.read(remaining)
-                if not data:
-                    # The size was checked when the header was read, so the file shrank.
-                    raise cur.truncated(header, header.length - remaining)
-                out += data
-                remaining -= len(data)
-                if len(out) >= READ_CHUNK:
-                    yield bytes(out)
-                    out.clear()
-            if rtype_s == REC_NORM:
-                out += b"\n"
-            cur.seek(header.end)
-        elif rtype_s == REC_DTXT:
-            cur.seek(header.end)
-        elif rtype_s == REC_PTR:
-            pointers.follow(cur, header)
-        elif rtype_s == REC_XTRA:
-            if header.offset != xtra_offset:
-                raise cur.error(
-                    f"message content ends with 'X' at offset {header.offset}, but the size "
-                    f"record says {xtra_offset}"
-                )
             if out:
                 yield bytes(out)
             return
-        else:
-            raise cur.error(
-                f"unexpected record type {_type_repr(rtype_s)} at offset {header.offset} "
-                "in the message content"
-            )
+        cur.seek(header.data_offset)
+        remaining = header.length
+        while remaining:
+            data = cur.read(remaining)
+            if not data:
+                # The size was checked when the header was read, so the file shrank.
+                raise cur.truncated(header, header.length - remaining)
+            out += data
+            remaining -= len(data)
+            if len(out) >= READ_CHUNK:
+                yield bytes(out)
+                out.clear()
+        if header.rtype == REC_NORM:
+            out += b"\n"
+        cur.seek(header.end)
         if len(out) >= READ_CHUNK:
             yield bytes(out)
             out.clear()

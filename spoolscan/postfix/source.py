@@ -386,32 +386,36 @@ class HoldSource:
                             "no longer in the hold queue", state=GONE)
 
     def _release(self, items: list[Pending]) -> list[ActionRecord]:
-        records: list[ActionRecord] = []
-        ours = []
-        for p in items:
-            if self._still_ours(p):
-                ours.append(p)
-            else:
-                records.append(self._missing(p, RELEASE))
-        ids = [p.outcome.info.queue_id or "" for p in ours]
+        records, released = self._postsuper(
+            items, RELEASE, lambda ids: commands.release(self.config_dir, ids), "release")
+        self._deliver_now(sorted(released))
+        return records
+
+    def _postsuper(self, items: list[Pending], action: str,
+                   run: Callable[[list[str]], set[str]], verb: str
+                   ) -> tuple[list[ActionRecord], set[str]]:
+        """One postsuper run for the items still on hold; a record per item from what
+        postsuper said it did (it exits 0 whatever happened).  Returns the records and
+        the queue IDs postsuper confirmed."""
+        ours = [p for p in items if self._still_ours(p)]
+        records = [self._missing(p, action) for p in items if p not in ours]
         try:
-            released = commands.release(self.config_dir, ids) if ids else set()
+            done = run([p.outcome.info.queue_id or "" for p in ours]) if ours else set()
         except commands.PostfixCommandError as exc:
-            return records + [ActionRecord(p.stored.message_id, p.stored.scan_id, RELEASE,
-                                           "failed", str(exc), state=RETRY) for p in ours]
-        if released:
-            self._deliver_now(sorted(released))
+            return records + [ActionRecord(p.stored.message_id, p.stored.scan_id, action,
+                                           "failed", str(exc), state=RETRY)
+                              for p in ours], set()
         for p in ours:
-            if p.outcome.info.queue_id in released:
-                records.append(ActionRecord(p.stored.message_id, p.stored.scan_id, RELEASE,
+            if p.outcome.info.queue_id in done:
+                records.append(ActionRecord(p.stored.message_id, p.stored.scan_id, action,
                                             "ok", p.decision.reason, state=DONE))
             elif self._still_ours(p):
-                records.append(ActionRecord(p.stored.message_id, p.stored.scan_id, RELEASE,
-                                            "failed", "postsuper did not release it",
+                records.append(ActionRecord(p.stored.message_id, p.stored.scan_id, action,
+                                            "failed", f"postsuper did not {verb} it",
                                             state=RETRY))
             else:
-                records.append(self._missing(p, RELEASE))
-        return records
+                records.append(self._missing(p, action))
+        return records, done
 
     def _deliver_now(self, ids: list[str]) -> None:
         """Released mail waits in deferred/ for the next queue run unless qmgr is told:
@@ -445,23 +449,10 @@ class HoldSource:
                             original_path=str(path))
 
     def _delete(self, items: list[Pending], action: str) -> list[ActionRecord]:
-        ids = [p.outcome.info.queue_id or "" for p in items if self._still_ours(p)]
-        try:
-            removed = commands.delete(self.config_dir, ids, queues=("hold",)) if ids else set()
-        except commands.PostfixCommandError as exc:
-            return [ActionRecord(p.stored.message_id, p.stored.scan_id, action, "failed",
-                                 str(exc), state=RETRY) for p in items]
-        records = []
-        for p in items:
-            if p.outcome.info.queue_id in removed:
-                records.append(ActionRecord(p.stored.message_id, p.stored.scan_id, action,
-                                            "ok", p.decision.reason, state=DONE))
-            elif self._still_ours(p):
-                records.append(ActionRecord(p.stored.message_id, p.stored.scan_id, action,
-                                            "failed", "postsuper did not remove it",
-                                            state=RETRY))
-            else:
-                records.append(self._missing(p, action))
+        # Only from hold/: a message released meanwhile is not ours to delete.
+        records, _ = self._postsuper(
+            items, action,
+            lambda ids: commands.delete(self.config_dir, ids, queues=("hold",)), "remove")
         return records
 
     def _copy_to_quarantine(self, p: Pending, path: Path, inode: int) -> Path:

@@ -1,0 +1,98 @@
+"""`spoolscan run`: the hold queue, the Maildirs and the scheduler in one process."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+from fixtures_postfix import PostfixInstance
+from mail import deliver, eicar_message, message
+
+from spoolscan.jobs import check_signatures, rescan, start_scheduler
+
+RCPT = "rcpt@spoolscan.test"
+
+
+@pytest.fixture
+def postfix(tmp_path: Path):
+    instance = PostfixInstance(tmp_path / "postfix")
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.1)
+
+
+def test_run_scans_hold_queue_and_maildirs_until_sigterm(config, postfix, tmp_path):
+    maildirs = postfix.vmail_dir
+    config_file = write_config(tmp_path / "run.toml", config, extra=f"""
+[[source]]
+name = "postfix"
+type = "postfix-hold"
+config_directory = "{postfix.config_dir}"
+sweep_interval = "1s"
+
+[[source]]
+name = "mailboxes"
+type = "maildir"
+paths = ["{maildirs}/*/Maildir"]
+sweep_interval = "1s"
+""")
+    worker = subprocess.Popen([sys.executable, "-m", "spoolscan", "--config", str(config_file),
+                               "run"], stderr=subprocess.PIPE, text=True)
+    try:
+        postfix.send(message(subject="through the hold queue"), recipients=[RCPT])
+        postfix.send(eicar_message(), recipients=[RCPT])
+        delivered = postfix.wait_delivered("rcpt", 1)
+        inbox = postfix.maildir_for("rcpt")
+        # Mail that reached a mailbox some other way is caught there.
+        sneaked = deliver(inbox, eicar_message(subject="sneaked in"))
+        wait_until(lambda: not sneaked.exists())
+        assert list((inbox / ".Quarantine" / "new").iterdir())
+        assert delivered[0].exists()  # the clean one stays
+        assert postfix.held_ids() == []
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=60)
+    assert worker.returncode == 0, err
+    assert "stopped:" in err and "infected" in err
+
+
+def test_the_scheduler_has_the_configured_jobs_and_they_rescan(config, store, tmp_path):
+    from dataclasses import replace
+
+    from spoolscan.config import ScheduleConfig, SourceConfig
+    from spoolscan.runner import build_worker
+
+    cfg = replace(config, schedule=ScheduleConfig(signature_check="*/5 * * * *",
+                                                  nightly_rescan="30 2 * * 0"),
+                  sources=(SourceConfig(name="m", type="maildir",
+                                        paths=(str(tmp_path / "none" / "*"),)),))
+    worker = build_worker(cfg, store)
+    worker.start(watch=False)
+    scheduler = start_scheduler(cfg, worker)
+    try:
+        jobs = {job.id: job for job in scheduler.get_jobs()}
+        assert set(jobs) == {"signature_check", "nightly_rescan", "purge"}
+        assert jobs["signature_check"].func is check_signatures
+        nightly = jobs["nightly_rescan"].trigger
+        assert str(nightly.fields[4]) == "sun"  # crontab's 0 is Sunday
+        summary = jobs["signature_check"].func(*jobs["signature_check"].args)
+        assert summary is None or summary.errors == 0
+        assert rescan(worker, since=None).errors == 0
+        assert jobs["signature_check"].args[1] == timedelta(days=7)
+    finally:
+        scheduler.shutdown(wait=False)
+        worker.stop()
