@@ -101,11 +101,23 @@ sweep_interval = "30s"
     return config
 
 
-def print_store(root: Path) -> None:
+def last_scan_id(root: Path) -> int:
+    db_path = root / "spoolscan.db"
+    if not db_path.exists():
+        return 0
+    with sqlite3.connect(db_path) as db:
+        try:
+            return db.execute("SELECT coalesce(max(id), 0) FROM scans").fetchone()[0]
+        except sqlite3.OperationalError:  # no schema yet
+            return 0
+
+
+def print_store(root: Path, after: int) -> None:
     with sqlite3.connect(root / "spoolscan.db") as db:
         rows = db.execute(
             "SELECT location, verdict, coalesce(signature, ''), coalesce(action, ''), "
-            "\"trigger\", cached FROM v_scans WHERE source = 'mailboxes' ORDER BY scan_id"
+            "\"trigger\", cached FROM v_scans WHERE source = 'mailboxes' AND scan_id > ? "
+            "ORDER BY scan_id", (after,)
         ).fetchall()
     print(f"\n{'message (under vmail/)':66} {'verdict':9} {'action':10} signature")
     for location, verdict, signature, action, _trigger, _cached in rows:
@@ -144,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(exit status {code}: 0 clean, 1 infected found, 2 error)\n")
 
         print("$ spoolscan run --once   # the worker: scan, quarantine, record")
+        before = last_scan_id(root)
         started = time.monotonic()
         code = spoolscan(["--config", str(config), "run", "--once"])
         print(f"(exit status {code}, {time.monotonic() - started:.1f}s)")
-        print_store(root)
+        print_store(root, before)
         quarantined = sorted(str(p.relative_to(root)) for p in
                              (root / "vmail").glob("*/Maildir/.Quarantine/*/*"))
         print(f"\nin quarantine folders: {len(quarantined)}")
