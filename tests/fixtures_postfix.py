@@ -50,6 +50,7 @@ __all__ = [
     "MILTER_BODY_UNTERMINATED",
     "PostfixInstance",
     "TestMilter",
+    "postfix",
     "postfix_factory",
     "postfix_instance",
     "postfix_long_ids",
@@ -584,3 +585,14 @@ def postfix_instance(postfix_factory) -> PostfixInstance:
 def postfix_long_ids(postfix_factory) -> PostfixInstance:
     """A running private Postfix with ``enable_long_queue_ids = yes`` and no milter."""
     return postfix_factory("postfix-long", long_queue_ids=True)
+
+
+@pytest.fixture
+def postfix(tmp_path: Path) -> Iterator[PostfixInstance]:
+    """A private Postfix of this test's own (short queue IDs, no milter): tests that run
+    a worker on its hold queue must not see another test's mail."""
+    instance = PostfixInstance(tmp_path / "postfix")
+    instance.start()
+    yield instance
+    instance.stop()
+

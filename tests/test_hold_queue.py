@@ -33,14 +33,6 @@ RCPT = "rcpt@spoolscan.test"
 
 
 @pytest.fixture
-def postfix(tmp_path: Path):
-    instance = PostfixInstance(tmp_path / "postfix")
-    instance.start()
-    yield instance
-    instance.stop()
-
-
-@pytest.fixture
 def postfix_long(tmp_path: Path):
     instance = PostfixInstance(tmp_path / "postfix-long", long_queue_ids=True)
     instance.start()

@@ -7,24 +7,13 @@ import subprocess
 import sys
 import time
 from datetime import timedelta
-from pathlib import Path
 
-import pytest
 from conftest import write_config
-from fixtures_postfix import PostfixInstance
 from mail import deliver, eicar_message, message
 
 from spoolscan.jobs import check_signatures, rescan, start_scheduler
 
 RCPT = "rcpt@spoolscan.test"
-
-
-@pytest.fixture
-def postfix(tmp_path: Path):
-    instance = PostfixInstance(tmp_path / "postfix")
-    instance.start()
-    yield instance
-    instance.stop()
 
 
 def wait_until(condition, timeout: float = 30.0) -> None:

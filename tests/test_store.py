@@ -176,4 +176,4 @@ def test_failed_actions_count_as_attempts_and_finished_ones_reset_them(store):
 def test_schema_head_constant_matches_the_migrations():
     from spoolscan.store.db import SCHEMA_HEAD, alembic_head
 
-    assert SCHEMA_HEAD == alembic_head()
+    assert alembic_head() == SCHEMA_HEAD

@@ -268,17 +268,12 @@ class HoldSource:
 
     def _submit_all(self, submit: Callable[[Job], bool], paths: list[Path]) -> None:
         found = [x for x in map(self._examine, paths) if x is not None]
-        if not found:
-            return
-        rows = self.store.messages_by_identity(self.name, [i.identity for i, _, _ in found])
-        now = utcnow()
-        for info, inode, path in found:
-            row = rows.get(info.identity)
-            if self._wanted(row, now):
-                self._recent[(path.name, inode)] = time.monotonic()
-                while len(self._recent) > _RECENT_MAX:
-                    self._recent.popitem(last=False)
-                submit(self._job(path, info, inode, attempts=row["attempts"] if row else 0))
+        for job in self._jobs_for(found):
+            path, inode = job.payload
+            self._recent[(path.name, inode)] = time.monotonic()
+            while len(self._recent) > _RECENT_MAX:
+                self._recent.popitem(last=False)
+            submit(job)
 
     def stop(self) -> None:
         self._stop.set()
