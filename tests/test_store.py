@@ -177,3 +177,30 @@ def test_schema_head_constant_matches_the_migrations():
     from spoolscan.store.db import SCHEMA_HEAD, alembic_head
 
     assert alembic_head() == SCHEMA_HEAD
+
+
+def test_a_batch_of_new_and_known_messages_keeps_each_verdict_with_its_message(store):
+    """Rows are matched by key: PostgreSQL returns upserted rows in its own order."""
+    known = MessageInfo(source="postfix", kind="postfix-hold", identity="known",
+                        location="AAA", content_hash="a" * 64)
+    store.record_scans([ScanRecord(message=known, verdict="error", signature=None,
+                                   detail="down", fingerprint="f", duration_ms=1,
+                                   trigger="arrival", cached=False, state="retry")])
+    fresh = [MessageInfo(source="postfix", kind="postfix-hold", identity=f"new{i}",
+                         location=f"B{i}", content_hash="b" * 64) for i in range(5)]
+    records = [ScanRecord(message=m, verdict=v, signature=sig, detail=None, fingerprint="f",
+                          duration_ms=1, trigger="arrival", cached=False, state=DONE)
+               for m, v, sig in [(fresh[0], "clean", None), (fresh[1], "clean", None),
+                                 (known, "infected", "Bad"), (fresh[2], "clean", None),
+                                 (fresh[3], "clean", None), (fresh[4], "clean", None)]]
+    stored = store.record_scans(records)
+    with store.engine.connect() as conn:
+        rows = dict(conn.execute(text("SELECT identity, verdict FROM messages")).all())
+        scan_rows = dict(conn.execute(text(
+            "SELECT s.id, m.identity FROM scans s JOIN messages m ON m.id = s.message_id")
+        ).all())
+    assert rows["known"] == "infected"
+    assert all(rows[f"new{i}"] == "clean" for i in range(5))
+    for record, s in zip(records, stored, strict=True):
+        assert scan_rows[s.scan_id] == record.message.identity
+    assert stored[2].previous_verdict == "error"

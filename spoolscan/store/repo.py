@@ -271,10 +271,14 @@ class Store:
         params = [{"source": i.source, "kind": i.kind, "identity": i.identity,
                    "first_seen_at": now, "state": SEEN, "attempts": 0,
                    **_message_values(i, now)} for i in infos]
-        result = conn.execute(stmt.returning(messages.c.id, messages.c.verdict,
-                                             messages.c.attempts,
-                                             sort_by_parameter_order=True), params)
-        return list(result)
+        # Match the returned rows by key, not by position: with ON CONFLICT DO UPDATE,
+        # PostgreSQL does not give rows back in parameter order when a batch mixes new
+        # and existing messages.
+        result = conn.execute(stmt.returning(messages.c.source, messages.c.identity,
+                                             messages.c.id, messages.c.verdict,
+                                             messages.c.attempts), params)
+        by_key = {(r.source, r.identity): r for r in result}
+        return [by_key[(i.source, i.identity)] for i in infos]
 
     def _record_batch(self, conn: Connection, records: Sequence[ScanRecord]) -> list[StoredScan]:
         now = utcnow()
@@ -296,9 +300,9 @@ class Store:
                 "duration_ms": r.duration_ms, "trigger": r.trigger, "cached": r.cached,
                 "previous_verdict": prev.verdict, "retroactive": retroactive,
             })
-        scan_ids = conn.execute(insert(scans).returning(scans.c.id,
-                                                        sort_by_parameter_order=True),
-                                scan_params).scalars().all()
+        # Matched by message (unique within a round), not by position.
+        scan_ids = {r.message_id: r.id for r in conn.execute(
+            insert(scans).returning(scans.c.id, scans.c.message_id), scan_params)}
         conn.execute(
             update(messages).where(messages.c.id == bindparam("b_id")).values(
                 verdict=bindparam("b_verdict"), signature=bindparam("b_signature"),
@@ -309,7 +313,7 @@ class Store:
               "b_state": r.state, "b_attempts": s.attempts, "b_next": r.next_attempt_at,
               "b_error": r.detail if r.verdict not in (CLEAN, INFECTED) else None,
               "b_now": now} for r, s in zip(records, stored, strict=True)])
-        return [replace(s, scan_id=i) for s, i in zip(stored, scan_ids, strict=True)]
+        return [replace(s, scan_id=scan_ids[s.message_id]) for s in stored]
 
     def _upsert_message(self, conn: Connection, info: MessageInfo, now: datetime) -> int:
         return self._upsert_messages(conn, [info], now)[0].id
