@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from spoolscan import __version__
 from spoolscan.config import Config, ConfigError, load_config
@@ -235,8 +236,27 @@ def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
     return run_checks(config)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 64 (EX_USAGE): 1 and 2 mean something else to scripts."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _duration(text: str) -> str:
+    from spoolscan.config import parse_duration
+
+    try:
+        parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (examples: 7d, 12h, 30m)") from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spoolscan",
         description="Scan mail where it rests — the Postfix hold queue and Maildir stores — "
                     "with clamd, and keep every verdict in SQL.",
@@ -279,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "are quarantined and marked retroactive. Resumable. Exit "
                                    "0 nothing found, 1 new detections, 2 errors.")
     p.add_argument("--source", metavar="NAME", help="only this configured source")
-    p.add_argument("--since", metavar="AGE", help="window, e.g. 7d, 12h (default: "
-                                                  "[schedule] rescan_window)")
+    p.add_argument("--since", metavar="AGE", type=_duration,
+                   help="window, e.g. 7d, 12h (default: [schedule] rescan_window)")
     p.add_argument("--all", action="store_true", help="every stored message, whatever age")
     p.add_argument("--if-signatures-changed", action="store_true",
                    help="do nothing unless the signatures changed since the last rescan")
@@ -294,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    + ". --format sql prints the query, to run by hand.")
     p.add_argument("name", choices=sorted(REPORTS), metavar="NAME",
                    help="one of: " + ", ".join(sorted(REPORTS)))
-    p.add_argument("--since", default="7d", metavar="AGE", help="how far back (default 7d)")
+    p.add_argument("--since", default="7d", metavar="AGE", type=_duration,
+                   help="how far back (default 7d)")
     p.add_argument("--format", choices=("table", "csv", "json", "html", "sql"),
                    default="table")
     p.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
@@ -319,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "mail")
     qsub = p.add_subparsers(dest="q_command", metavar="ACTION", required=True)
     qp = qsub.add_parser("list", help="messages in quarantine, newest first")
-    qp.add_argument("--since", metavar="AGE", help="only those quarantined within AGE")
+    qp.add_argument("--since", metavar="AGE", type=_duration,
+                    help="only those quarantined within AGE")
     qp.add_argument("--json", action="store_true")
     for name, what in (("show", "details and headers"),
                        ("release", "put a Maildir message back where it was"),
@@ -369,8 +391,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as exc:
         print(f"spoolscan: database error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except ConfigError as exc:
+        print(f"spoolscan: configuration error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # Never exit 1 ("found something") because of a failure; -v shows the traceback.
+        log.debug("unexpected error", exc_info=True)
+        print(f"spoolscan: error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ def rescan(worker: Worker, *, since: datetime | None, source: str | None = None,
     summary.cached = delta.get("cached", 0) + copies
     summary.detections = delta.get("infected", 0)
     summary.retroactive = delta.get("retroactive", 0)
-    summary.errors = delta.get("error", 0) + delta.get("unreadable", 0)
+    summary.errors = (delta.get("error", 0) + delta.get("unreadable", 0)
+                      + delta.get("database_errors", 0))
     summary.elapsed = time.monotonic() - started
     if summary.errors == 0:
         store.mark_rescanned(fingerprint)

@@ -1,6 +1,7 @@
 """`spoolscan quarantine`: list, show, release, delete and purge quarantined mail.
 
-A message is in quarantine while its latest action is a successful ``quarantine``; the
+A message is in quarantine while its latest successful action is ``quarantine`` (a later
+failed or "gone" attempt by another process does not take it out of the list); the
 action row says where it went (``quarantine_path``) and where it came from
 (``original_path``).  Releasing or deleting records a new action, so the history stays in
 the store and ``v_scans`` shows what happened.
@@ -31,8 +32,9 @@ SELECT m.id AS id, a.completed_at AS quarantined_at, m.source, m.kind, m.locatio
        m.queue_id, m.sender, m.recipients, m.signature, m.content_hash,
        a.quarantine_path, a.original_path, a.scan_id
 FROM messages m
-JOIN actions a ON a.id = (SELECT max(a2.id) FROM actions a2 WHERE a2.message_id = m.id)
-WHERE a.action = 'quarantine' AND a.outcome = 'ok'
+JOIN actions a ON a.id = (SELECT max(a2.id) FROM actions a2
+                          WHERE a2.message_id = m.id AND a2.outcome = 'ok')
+WHERE a.action = 'quarantine'
 """
 
 

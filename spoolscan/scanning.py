@@ -243,6 +243,11 @@ class ScanService:
         """Hash, look up, scan.  Never raises for a problem with the message or clamd."""
         try:
             with job.open() as opened:
+                limit = self.scanner.max_size
+                if limit is not None and opened.size is not None and opened.size > limit:
+                    # Too large to scan: say so without reading it (not even to hash it).
+                    verdict = self.scanner.scan_stream(opened.stream, opened.size)
+                    return Outcome(job, replace(job.info, size=opened.size), verdict)
                 known = job.known_content
                 if known is not None and opened.size is not None and opened.size == known[1]:
                     digest, size = known

@@ -129,6 +129,7 @@ class Worker:
         self._keys: set[tuple[str, str]] = set()
         self._keys_lock = threading.Lock()
         self._stopping = threading.Event()  # no new jobs accepted
+        self._stop_requested = threading.Event()  # SIGTERM: cut sweeps short
         self._halt = threading.Event()  # loops exit once drained
         self._threads: list[threading.Thread] = []
         self._pool = ThreadPoolExecutor(max_workers=config.clamd.concurrency,
@@ -149,7 +150,7 @@ class Worker:
                 self._jobs.put(job, timeout=0.5)
                 return True
             except queue.Full:
-                if self._stopping.is_set():
+                if self._stopping.is_set() or self._stop_requested.is_set():
                     self._forget(key)
                     return False
 
@@ -354,7 +355,7 @@ class Worker:
         """Submit every job ``source``'s sweep finds; returns how many were queued."""
         queued = 0
         for job in source.sweep():
-            if self._stopping.is_set():
+            if self._stopping.is_set() or self._stop_requested.is_set():
                 break
             queued += self.submit(job)
         return queued
@@ -402,6 +403,7 @@ class Worker:
     def run_forever(self, stop: threading.Event, scheduler: object | None = None) -> None:
         """Run until ``stop`` is set: watchers, plus a sweep of each source at start-up
         and every ``sweep_interval`` seconds (missed events, retries, reconciliation)."""
+        self._stop_requested = stop
         self.start()
         intervals = {s.name: self.config.source(s.name).sweep_interval
                      for s in self.sources.values() if _configured(self.config, s.name)}

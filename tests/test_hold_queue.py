@@ -334,3 +334,23 @@ def test_database_down_keeps_mail_held_until_it_is_back(config, store, postfix, 
     build_worker(cfg, store).run_once()
     postfix.wait_delivered("rcpt", 1)
     assert postfix.held_ids() == []
+
+
+def test_a_sweep_does_not_call_gone_what_arrived_after_it_listed(config, store, postfix):
+    from datetime import timedelta
+
+    from spoolscan.store.repo import GONE, RETRY, MessageInfo, ScanRecord, utcnow
+
+    cfg = hold_config(config, postfix)
+    source = HoldSource(cfg.sources[0], cfg, store)
+    before = utcnow() - timedelta(seconds=5)
+    info = MessageInfo(source="postfix", kind="postfix-hold",
+                       identity=f"{source.host}/ABCDEF0/1/999999", location="ABCDEF0",
+                       queue_id="ABCDEF0")
+    store.record_scans([ScanRecord(message=info, verdict="error", signature=None,
+                                   detail="clamd down", fingerprint=None, duration_ms=0,
+                                   trigger="arrival", cached=False, state=RETRY)])
+    source._mark_vanished(set(), before)  # a sweep that listed hold/ before it arrived
+    assert message_rows(store)[0]["state"] == RETRY
+    source._mark_vanished(set(), utcnow() + timedelta(seconds=1))  # a later sweep
+    assert message_rows(store)[0]["state"] == GONE

@@ -204,3 +204,20 @@ def test_a_batch_of_new_and_known_messages_keeps_each_verdict_with_its_message(s
     for record, s in zip(records, stored, strict=True):
         assert scan_rows[s.scan_id] == record.message.identity
     assert stored[2].previous_verdict == "error"
+
+
+def test_a_finished_message_is_not_rewritten_by_a_late_failure(store):
+    from spoolscan.store.repo import GONE
+
+    record(store, identity="finished")
+    info = MessageInfo(source="postfix", kind="postfix-hold", identity="finished",
+                       location="ABC123")
+    store.note_failure(info, GONE, "no longer in the queue", None)
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT state FROM messages")).scalar() == DONE
+
+
+def test_released_hold_mail_is_not_a_rescan_candidate(store):
+    record(store, identity="released")  # postfix-hold, clean, done: it left the queue
+    assert list(store.rescan_candidates(None, "ClamAV 1.4.6/27002/y")) == []
+    assert store.record_clean_copies("ClamAV 1.4.6/27002/y", None) == 0

@@ -165,6 +165,12 @@ class HoldSource:
         if not stat.S_ISREG(st.st_mode):
             log.warning("%s: not a regular file in the hold queue; ignored", path)
             return None
+        try:
+            commands.validate_queue_id(path.name)
+        except commands.InvalidQueueId:
+            # postsuper cannot act on it, so neither can we: leave it for an admin.
+            log.warning("%s: not a Postfix queue file name; ignored", path)
+            return None
         if st.st_mode & 0o700 != 0o700:
             return None  # still being written: a later event or sweep takes it
         try:
@@ -193,7 +199,9 @@ class HoldSource:
         if state in (RETRY, STUCK):
             due = as_utc(row["next_attempt_at"])
             return due is not None and due <= now
-        return False  # done (kept on hold by policy), gone
+        # Recorded gone, yet here: that record was wrong, look again.  Done (kept on hold
+        # by policy): leave it.
+        return state == GONE
 
     # --- watching --------------------------------------------------------------------
 
@@ -288,6 +296,7 @@ class HoldSource:
     # --- sweeping --------------------------------------------------------------------
 
     def sweep(self) -> Iterator[Job]:
+        started = utcnow()
         present: set[str] = set()
         batch: list[tuple[MessageInfo, int, Path]] = []
         for path in _ready_files(self.hold_dir):
@@ -300,7 +309,7 @@ class HoldSource:
                 yield from self._jobs_for(batch)
                 batch = []
         yield from self._jobs_for(batch)
-        self._mark_vanished(present)
+        self._mark_vanished(present, started)
 
     def _jobs_for(self, batch: list[tuple[MessageInfo, int, Path]]) -> Iterator[Job]:
         if not batch:
@@ -312,16 +321,35 @@ class HoldSource:
             if self._wanted(row, now):
                 yield self._job(path, info, inode, attempts=row["attempts"] if row else 0)
 
-    def _mark_vanished(self, present: set[str]) -> None:
-        open_rows = self.store.open_messages(self.name)
-        vanished = [r["id"] for r in open_rows if r["identity"] not in present]
+    def _still_held(self, row: dict) -> bool:
+        """Is this stored message's file in hold/ (flat or hashed), same inode?"""
+        queue_id = row["queue_id"] or ""
+        inode = row["identity"].rsplit("/", 1)[-1]
+        for path in (self.hold_dir / queue_id, *(d / queue_id for d in _subdirs(self.hold_dir))):
+            try:
+                if str(os.lstat(path).st_ino) == inode:
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def _mark_vanished(self, present: set[str], started: datetime) -> None:
+        """Record as gone what left hold/ without us.  Only rows last touched before this
+        sweep began are judged (newer ones may have arrived after the listing), and each
+        is looked for once more, so a listing that missed a file cannot lose it."""
+        open_rows = [r for r in self.store.open_messages(self.name)
+                     if r["identity"] not in present
+                     and (as_utc(r["updated_at"]) or started) < started]
+        open_rows = [r for r in open_rows if not self._still_held(r)]
+        vanished = [r["id"] for r in open_rows]
         if not vanished:
             return
         queue_ids = {r["id"]: r["queue_id"] for r in open_rows}
         last = self.store.last_actions(vanished)
         finished = [ActionRecord(mid, last[mid]["scan_id"], last[mid]["action"], "ok",
                                  "completed before a restart (reconciled)", state=DONE,
-                                 quarantine_path=last[mid]["quarantine_path"])
+                                 quarantine_path=(last[mid]["quarantine_path"]
+                                                  or self._quarantine_copy(mid)))
                     for mid in vanished
                     if mid in last and last[mid]["outcome"] == "pending"]
         if finished:
@@ -415,8 +443,12 @@ class HoldSource:
     def _deliver_now(self, ids: list[str]) -> None:
         """Released mail waits in deferred/ for the next queue run unless qmgr is told:
         one trigger for the batch, or postqueue -i per message if qmgr cannot be reached."""
-        if ids and not commands.wake_qmgr(self.queue_dir):
-            self._flush(ids)
+        try:
+            if ids and not commands.wake_qmgr(self.queue_dir):
+                self._flush(ids)
+        except Exception as exc:  # released already: delivery just waits for the queue run
+            log.warning("%s: could not ask for immediate delivery of %d released "
+                        "message(s): %s", self.name, len(ids), exc)
 
     def _flush(self, ids: list[str]) -> None:
         """Ask for immediate delivery (postqueue -i per ID), a few at a time."""
@@ -449,6 +481,13 @@ class HoldSource:
             items, action,
             lambda ids: commands.delete(self.config_dir, ids, queues=("hold",)), "remove")
         return records
+
+    def _quarantine_copy(self, message_id: int) -> str | None:
+        """Where an interrupted quarantine left its copy (any day's directory), if it
+        finished writing one."""
+        root = Path(self.config.quarantine.directory)
+        found = sorted(root.glob(f"*/{message_id}/message.eml"))
+        return str(found[-1]) if found else None
 
     def _copy_to_quarantine(self, p: Pending, path: Path, inode: int) -> Path:
         """Write message.eml and envelope.json under the quarantine directory, durably."""

@@ -49,6 +49,10 @@ RETRY = "retry"  # unchecked/error, kept where it is, will be scanned again
 STUCK = "stuck"  # gave up after max_attempts: still held / left, needs an admin
 GONE = "gone"  # vanished before spoolscan finished with it
 
+# Held mail that is done has left the hold queue (released, quarantined): nothing of it
+# is left to rescan there (delivered copies are the Maildir source's messages).
+_NOT_LEFT_HOLD = ~and_(messages.c.kind == "postfix-hold", messages.c.state == DONE)
+
 
 _MESSAGE_FIELDS = ("location", "queue_id", "host", "sender", "recipients", "nrcpt",
                    "direction", "size", "content_hash", "arrived_at", "updated_at")
@@ -380,13 +384,15 @@ class Store:
         now = utcnow()
         with self.engine.begin() as conn:
             message_id = self._upsert_message(conn, info, now)
+            # A finished message stays finished: a stale job that finds the file gone
+            # (it was released or quarantined meanwhile) must not rewrite that.
             attempts = conn.execute(
-                update(messages).where(messages.c.id == message_id)
+                update(messages).where(messages.c.id == message_id, messages.c.state != DONE)
                 .values(attempts=messages.c.attempts + 1, state=state, last_error=detail,
                         next_attempt_at=next_attempt_at, updated_at=now)
                 .returning(messages.c.attempts)
-            ).scalar_one()
-        return message_id, attempts
+            ).scalar()
+        return message_id, attempts or 0
 
     # --- queries used by sources and rescans -----------------------------------------
 
@@ -425,7 +431,7 @@ class Store:
                                             scans.c.fingerprint == fingerprint,
                                             scans.c.verdict.in_((CLEAN, INFECTED)))
         while True:
-            conds = [messages.c.id > last_id, messages.c.state != GONE,
+            conds = [messages.c.id > last_id, messages.c.state != GONE, _NOT_LEFT_HOLD,
                      or_(messages.c.verdict.is_(None), messages.c.verdict != INFECTED),
                      ~finished.exists()]
             if since is not None:
@@ -458,7 +464,7 @@ class Store:
         content_infected = select(same.c.id).where(
             same.c.content_hash == messages.c.content_hash, same.c.fingerprint == fingerprint,
             same.c.verdict == INFECTED)
-        conds = [messages.c.state == DONE, messages.c.verdict == CLEAN,
+        conds = [messages.c.state == DONE, messages.c.verdict == CLEAN, _NOT_LEFT_HOLD,
                  messages.c.content_hash.is_not(None), ~done_here.exists(),
                  content_clean.exists(), ~content_infected.exists()]
         if since is not None:
@@ -507,11 +513,16 @@ class Store:
         return dict(row._mapping) if row else None
 
     def purge(self, older_than: timedelta) -> int:
-        """Delete finished messages (and their scans/actions) older than ``older_than``."""
+        """Delete rows (messages, scans, actions) older than ``older_than`` of messages
+        that are no longer anywhere spoolscan looks: gone, or finished in the hold queue
+        (released, quarantined, deleted).  Finished Maildir messages are kept while they
+        are in their mailbox, else the next sweep would take them for new mail."""
         cutoff = utcnow() - older_than
         with self.engine.begin() as conn:
-            old = select(messages.c.id).where(messages.c.updated_at < cutoff,
-                                              messages.c.state.in_((DONE, GONE)))
+            old = select(messages.c.id).where(
+                messages.c.updated_at < cutoff,
+                or_(messages.c.state == GONE,
+                    and_(messages.c.state == DONE, messages.c.kind == "postfix-hold")))
             ids = [r[0] for r in conn.execute(old)]
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
