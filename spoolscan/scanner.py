@@ -170,15 +170,15 @@ class ClamdScanner:
     def fingerprint(self) -> str:
         """An identifier of the signatures clamd is using now.
 
-        With an official ``daily`` database it is clamd's VERSION line, whose middle number
-        is the daily version.  With custom databases only, VERSION carries no number, so a
-        digest of the database directory listing (names, sizes, mtimes) is appended.  Read
-        it *before* the scans it stamps: a stamp may then be older than the signatures
-        used, never newer, so a rescan never skips mail that the new signatures did not see.
+        clamd's VERSION line (its middle number is the version of the official ``daily``
+        database) plus a digest of the database directory listing (names, sizes,
+        mtimes), so that third-party or local signature files count too.  Read it
+        *before* the scans it stamps.  VERSION changes only once clamd has loaded new
+        official signatures; the digest can change a little earlier (files replaced,
+        reload pending), in which case a later fingerprint follows the reload and its
+        rescan covers what was stamped in between.
         """
         version = self.version()
-        if "/" in version:
-            return version
         return f"{version}+db:{database_digest(self.config.database_directory)}"
 
     # --- scanning --------------------------------------------------------------------

@@ -220,3 +220,18 @@ def test_fingerprint_follows_a_signature_update(tmp_path):
 
 def test_eicar_bytes_are_the_standard_68():
     assert len(EICAR) == 68
+
+
+def test_fingerprint_changes_with_local_signatures_beside_the_official_ones(tmp_path):
+    instance = ClamdInstance(tmp_path)
+    instance.start()
+    try:
+        instance.publish_daily(27001)
+        scanner = ClamdScanner(ClamdConfig(socket=str(instance.socket_path),
+                                           database_directory=str(instance.db_dir)))
+        before = scanner.fingerprint()
+        (instance.db_dir / "local.ndb").write_text("Local.Sig:0:*:6c6f63616c\n")
+        after = scanner.fingerprint()
+        assert "/27001/" in before and "/27001/" in after and before != after
+    finally:
+        instance.stop()
