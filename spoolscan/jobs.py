@@ -25,6 +25,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from spoolscan.config import Config
+from spoolscan.progress import ProgressBar
 from spoolscan.store.repo import GONE, utcnow
 from spoolscan.worker import Worker
 
@@ -117,16 +118,22 @@ def rescan(worker: Worker, *, since: datetime | None, source: str | None = None,
         return summary
     before = dict(worker.stats)
     store = worker.store
-    show = progress is not None and progress.isatty()
+    bar: ProgressBar | None = None
+    if progress is not None and progress.isatty():
+        bar = ProgressBar(progress, store.count_rescan_candidates(since, fingerprint, source),
+                          "rescan")
+        bar.offset = -before.get("scanned", 0)
 
     contents: set[str] = set()
-    summary.candidates = _feed(worker, since, source, fingerprint, summary, contents,
-                               progress if show else None)
+    summary.candidates = _feed(worker, since, source, fingerprint, summary, contents, bar)
     copies = store.record_clean_copies(fingerprint, since, source)
     contents.clear()
-    _feed(worker, since, source, fingerprint, summary, None, progress if show else None)
-    if show and progress is not None:
-        progress.write("\r\x1b[K")
+    if bar is not None:
+        bar.offset += copies
+        bar.update(worker.stats["scanned"], force=True)
+    _feed(worker, since, source, fingerprint, summary, None, bar)
+    if bar is not None:
+        bar.clear()
 
     after = worker.stats
     delta = {k: after[k] - before.get(k, 0) for k in after}
@@ -145,7 +152,7 @@ def rescan(worker: Worker, *, since: datetime | None, source: str | None = None,
 
 def _feed(worker: Worker, since: datetime | None, source: str | None, fingerprint: str,
           summary: RescanSummary, first_of_content: set[str] | None,
-          progress: TextIO | None) -> int:
+          bar: ProgressBar | None) -> int:
     """Submit the candidates (only the first message of each content when
     ``first_of_content`` is given); returns how many candidates there were."""
     store = worker.store
@@ -169,10 +176,8 @@ def _feed(worker: Worker, since: datetime | None, source: str | None, fingerprin
             if digest and row["size"] is not None:
                 job.known_content = (digest, row["size"])
             worker.submit(job)
-            if progress is not None:
-                progress.write(f"\r\x1b[Krescan: {seen} candidates, "
-                               f"{worker.stats['scanned']} scanned")
-                progress.flush()
+            if bar is not None:
+                bar.update(worker.stats["scanned"], f"{worker.stats['infected']} infected")
         if gone:
             store.set_state(gone, GONE, "no longer present (found by a rescan)")
             summary.gone += len(gone)

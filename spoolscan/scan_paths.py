@@ -7,6 +7,7 @@ error wins over a detection: the run did not give a complete answer.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 from spoolscan import maildir
+from spoolscan.progress import ProgressBar
 from spoolscan.scanner import CLEAN, ERROR, INFECTED, UNCHECKED
 from spoolscan.scanning import Job, Outcome, ScanService, open_file, run_jobs
 from spoolscan.store.repo import DONE, RETRY, MessageInfo, ScanRecord, Store
@@ -102,31 +104,22 @@ class Tally:
         return EXIT_CLEAN
 
 
-class Progress:
-    """A one-line progress display on a terminal; silent otherwise."""
+def _count(paths: list[str]) -> int:
+    """How many files a scan of ``paths`` will look at (problems are reported by the
+    scan itself, not twice)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        return sum(1 for _ in iter_paths(paths))
+    finally:
+        logging.disable(previous)
 
-    def __init__(self, stream: TextIO, enabled: bool) -> None:
-        self.stream = stream
-        self.enabled = enabled
-        self.started = time.monotonic()
-        self._last = 0.0
 
-    def update(self, tally: Tally, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < 0.2:
-            return
-        self._last = now
-        rate = tally.scanned / max(now - self.started, 1e-6)
-        self.stream.write(f"\r\x1b[K{tally.scanned} scanned ({rate:.0f}/s), "
-                          f"{tally.counts[INFECTED]} infected, {tally.cached} cached")
-        self.stream.flush()
+class _NoTerminal(io.StringIO):
+    """Where the progress bar goes when it must not be drawn (JSON output)."""
 
-    def finish(self) -> None:
-        if self.enabled:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
+    def isatty(self) -> bool:
+        return False
 
 
 def format_line(outcome: Outcome) -> str:
@@ -168,7 +161,9 @@ def scan_paths(service: ScanService, paths: list[str], *, concurrency: int,
     err = err or sys.stderr
     store: Store | None = service.store
     tally = Tally()
-    progress = Progress(err, enabled=err.isatty() and not as_json)
+    # On a terminal, count first so that the bar can say how far along it is.
+    total = _count(paths) if err.isatty() and not as_json else None
+    progress = ProgressBar(err if not as_json else _NoTerminal(), total, "scan")
     pending: list[ScanRecord] = []
     last_flush = time.monotonic()
     started = time.monotonic()
@@ -183,10 +178,10 @@ def scan_paths(service: ScanService, paths: list[str], *, concurrency: int,
     jobs = (_job_for(p, trigger) for p in iter_paths(paths))
     for outcome in run_jobs(service, jobs, concurrency):
         tally.add(outcome)
-        if progress.enabled:
-            progress.finish()
+        progress.clear()
         print(format_json(outcome) if as_json else format_line(outcome), file=out, flush=True)
-        progress.update(tally)
+        progress.update(tally.scanned, f"{tally.counts[INFECTED]} infected, "
+                                       f"{tally.cached} cached")
         if store is not None and outcome.unavailable is None:
             v = outcome.verdict
             pending.append(ScanRecord(
@@ -198,7 +193,7 @@ def scan_paths(service: ScanService, paths: list[str], *, concurrency: int,
             if len(pending) >= 500 or time.monotonic() - last_flush > 1.0:
                 flush()
     flush()
-    progress.finish()
+    progress.clear()
     elapsed = time.monotonic() - started
     summary = (
         f"scanned {tally.scanned} messages ({tally.cached} from cache) in {elapsed:.2f}s: "

@@ -74,6 +74,22 @@ def _message_values(info: MessageInfo, now: datetime) -> dict[str, object]:
     }
 
 
+def _candidate_conditions(since: datetime | None, fingerprint: str, source: str | None
+                          ) -> list:
+    """Messages to rescan under ``fingerprint`` (see ``Store.rescan_candidates``)."""
+    finished = select(scans.c.id).where(scans.c.message_id == messages.c.id,
+                                        scans.c.fingerprint == fingerprint,
+                                        scans.c.verdict.in_((CLEAN, INFECTED)))
+    conds = [messages.c.state != GONE, _NOT_LEFT_HOLD,
+             or_(messages.c.verdict.is_(None), messages.c.verdict != INFECTED),
+             ~finished.exists()]
+    if since is not None:
+        conds.append(messages.c.first_seen_at >= since)
+    if source is not None:
+        conds.append(messages.c.source == source)
+    return conds
+
+
 def _distinct_rounds(records: Sequence[ScanRecord]) -> Iterator[list[ScanRecord]]:
     """Split a batch so that no message appears twice in one round (one upsert
     statement cannot update the same row twice)."""
@@ -427,17 +443,9 @@ class Store:
         under this fingerprint has a scan under it and is not yielded again.
         """
         last_id = 0
-        finished = select(scans.c.id).where(scans.c.message_id == messages.c.id,
-                                            scans.c.fingerprint == fingerprint,
-                                            scans.c.verdict.in_((CLEAN, INFECTED)))
         while True:
-            conds = [messages.c.id > last_id, messages.c.state != GONE, _NOT_LEFT_HOLD,
-                     or_(messages.c.verdict.is_(None), messages.c.verdict != INFECTED),
-                     ~finished.exists()]
-            if since is not None:
-                conds.append(messages.c.first_seen_at >= since)
-            if source is not None:
-                conds.append(messages.c.source == source)
+            conds = [messages.c.id > last_id,
+                     *_candidate_conditions(since, fingerprint, source)]
             with self.engine.connect() as conn:
                 rows = [dict(r._mapping) for r in conn.execute(
                     select(messages).where(and_(*conds)).order_by(messages.c.id).limit(batch))]
@@ -445,6 +453,13 @@ class Store:
                 return
             yield rows
             last_id = rows[-1]["id"]
+
+    def count_rescan_candidates(self, since: datetime | None, fingerprint: str,
+                                source: str | None = None) -> int:
+        """How many messages ``rescan_candidates`` would yield now."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(messages).where(
+                and_(*_candidate_conditions(since, fingerprint, source)))).scalar_one()
 
     def record_clean_copies(self, fingerprint: str, since: datetime | None,
                             source: str | None = None) -> int:
