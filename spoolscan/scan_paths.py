@@ -178,7 +178,8 @@ def scan_paths(service: ScanService, paths: list[str], *, concurrency: int,
     jobs = (_job_for(p, trigger) for p in iter_paths(paths))
     for outcome in run_jobs(service, jobs, concurrency):
         tally.add(outcome)
-        progress.clear()
+        if out.isatty():  # the bar shares the terminal with the result lines
+            progress.clear()
         print(format_json(outcome) if as_json else format_line(outcome), file=out, flush=True)
         progress.update(tally.scanned, f"{tally.counts[INFECTED]} infected, "
                                        f"{tally.cached} cached")
