@@ -354,3 +354,34 @@ def test_a_sweep_does_not_call_gone_what_arrived_after_it_listed(config, store, 
     assert message_rows(store)[0]["state"] == RETRY
     source._mark_vanished(set(), utcnow() + timedelta(seconds=1))  # a later sweep
     assert message_rows(store)[0]["state"] == GONE
+
+
+def test_hashed_hold_directories_are_watched(config, store, postfix):
+    """With hold in hash_queue_names, held files live in hold/<hex>/<ID>."""
+    postfix.postconf(hash_queue_names="deferred, defer, hold")
+    cfg = hold_config(config, postfix)
+    worker = build_worker(cfg, store)
+    clean = eicar = None
+
+    def settled() -> bool:
+        return len(postfix.delivered("rcpt")) == 1 and postfix.held_ids() == []
+
+    import threading
+
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)  # watching before the mail arrives: events, not only sweeps
+        clean = postfix.send(message(subject="hashed"), recipients=[RCPT])
+        eicar = postfix.send(eicar_message(), recipients=[RCPT])
+        deadline = time.monotonic() + 30
+        while not settled() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert settled()
+    rows = {r["queue_id"]: r for r in scans(store)}
+    assert rows[clean]["action"] == "release" and rows[eicar]["action"] == "quarantine"
+    assert any(p.is_dir() for p in (postfix.queue_dir / "hold").iterdir())
