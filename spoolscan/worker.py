@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from sqlalchemy.exc import DBAPIError
+
 from spoolscan.config import Config
 from spoolscan.policy import Decision, decide, retry_delay
 from spoolscan.scanner import CLEAN, INFECTED, ClamdScanner
@@ -79,6 +81,15 @@ class Source(Protocol):
 
     def job_for(self, row: dict, trigger: str) -> Job | None:
         """A job to rescan a stored message, or None if it is no longer there."""
+
+
+def log_failure(logger: logging.Logger, what: str, exc: Exception) -> None:
+    """One line for a database outage (mail stays where it is), a traceback otherwise."""
+    if isinstance(exc, DBAPIError):
+        logger.error("%s: database unavailable; mail stays where it is: %s", what,
+                     str(exc.orig).splitlines()[0] if exc.orig else exc)
+    else:
+        logger.exception("%s", what)
 
 
 def log_line(p: Pending, record: ActionRecord | None) -> str:
@@ -414,8 +425,9 @@ class Worker:
                 if now >= next_sweep[name]:
                     try:
                         self.sweep(source)
-                    except Exception:
-                        log.exception("%s: sweep failed; retrying at the next interval", name)
+                    except Exception as exc:
+                        log_failure(log, f"{name}: sweep failed, retrying at the next "
+                                         "interval", exc)
                     next_sweep[name] = time.monotonic() + intervals.get(name, 30.0)
             stop.wait(0.5)
         log.info("stopping: finishing %d message(s) in flight", self.in_pipeline())

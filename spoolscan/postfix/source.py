@@ -58,7 +58,7 @@ from spoolscan.store.repo import (
     as_utc,
     utcnow,
 )
-from spoolscan.worker import Pending
+from spoolscan.worker import Pending, log_failure
 
 log = logging.getLogger(__name__)
 
@@ -251,13 +251,18 @@ class HoldSource:
                         files.update(dict.fromkeys(_ready_files(path)))
                     continue
                 files[path] = None
-            if files:
-                self._submit_all(submit, self._not_recent(list(files)))
-            if overflow:
-                log.warning("%s: inotify queue overflowed; sweeping %s", self.name,
-                            self.hold_dir)
-                for job in self.sweep():
-                    submit(job)
+            try:
+                if files:
+                    self._submit_all(submit, self._not_recent(list(files)))
+                if overflow:
+                    log.warning("%s: inotify queue overflowed; sweeping %s", self.name,
+                                self.hold_dir)
+                    for job in self.sweep():
+                        submit(job)
+            except Exception as exc:
+                # The watcher must outlive a database outage; the mail stays on hold and
+                # the periodic sweep takes whatever was missed here.
+                log_failure(log, f"{self.name}: new mail not looked at now", exc)
 
     def _not_recent(self, paths: list[Path]) -> list[Path]:
         """Drop files already handed over a moment ago: cleanup's chmod (IN_ATTRIB) and
