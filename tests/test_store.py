@@ -221,3 +221,13 @@ def test_released_hold_mail_is_not_a_rescan_candidate(store):
     record(store, identity="released")  # postfix-hold, clean, done: it left the queue
     assert list(store.rescan_candidates(None, "ClamAV 1.4.6/27002/y")) == []
     assert store.record_clean_copies("ClamAV 1.4.6/27002/y", None) == 0
+
+
+def test_a_gone_result_from_another_process_does_not_undo_a_finished_action(store):
+    from spoolscan.store.repo import GONE, ActionRecord
+
+    message_id = record(store)
+    store.record_actions([ActionRecord(message_id, None, "release", "ok", state=DONE)])
+    store.record_actions([ActionRecord(message_id, None, "release", "gone", state=GONE)])
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT state FROM messages")).scalar() == DONE

@@ -364,7 +364,11 @@ class Store:
             conn.execute(
                 update(messages).where(messages.c.id == bindparam("b_id")).values(
                     updated_at=bindparam("b_now"),
-                    state=func.coalesce(bindparam("b_state"), messages.c.state),
+                    # Another process that found the message already gone must not
+                    # undo a finished action: "gone" never overrides "done".
+                    state=case((and_(bindparam("b_gone", type_=Boolean),
+                                     messages.c.state == DONE), messages.c.state),
+                               else_=func.coalesce(bindparam("b_state"), messages.c.state)),
                     location=func.coalesce(bindparam("b_location"), messages.c.location),
                     # A finished message's failures are history; a failed action is one.
                     attempts=case((finished, 0),
@@ -377,7 +381,8 @@ class Store:
                 [{"b_id": r.message_id, "b_now": now, "b_state": r.state,
                   "b_location": r.location,
                   "b_finished": r.outcome == "ok" and r.state == DONE,
-                  "b_failed": r.outcome == "failed", "b_next": r.next_attempt_at,
+                  "b_failed": r.outcome == "failed", "b_gone": r.outcome == "gone",
+                  "b_next": r.next_attempt_at,
                   "b_detail": r.detail} for r in records])
 
     def set_state(self, message_ids: Iterable[int], state: str, detail: str | None = None
