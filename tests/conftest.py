@@ -7,9 +7,12 @@ auth); each test session works in a database of its own, dropped at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -139,3 +142,37 @@ def config_file(config: Config, tmp_path: Path) -> Path:
 
 def with_policy(config: Config, **changes: object) -> Config:
     return replace(config, policy=replace(config.policy, **changes))
+
+
+def hold_source_toml(config_dir: Path | str, sweep_interval: str = "1s") -> str:
+    """A ``[[source]]`` table for the hold queue of the Postfix in ``config_dir``."""
+    return f"""
+[[source]]
+name = "postfix"
+type = "postfix-hold"
+config_directory = "{config_dir}"
+sweep_interval = "{sweep_interval}"
+"""
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll ``condition`` until it holds; TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def running(worker) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """Run ``worker.run_forever`` (watchers, sweeps) in a thread for the block."""
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(60)
+

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from conftest import hold_source_toml, running, wait_until, write_config
 from fixtures_postfix import PostfixInstance
 from mail import eicar_message, message
 from sqlalchemy import text
@@ -50,20 +50,8 @@ def hold_config(config: Config, pf: PostfixInstance, **policy) -> Config:
 
 def run_until(worker, condition, timeout: float = 30.0) -> None:
     """Run the worker (watchers + sweeps) until ``condition()`` holds."""
-    import threading
-
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise TimeoutError("condition not reached")
-            time.sleep(0.1)
-    finally:
-        stop.set()
-        thread.join(30)
+    with running(worker):
+        wait_until(condition, timeout)
 
 
 def scans(store: Store, where: str = "1=1") -> list[dict]:
@@ -269,13 +257,8 @@ def test_worker_killed_mid_burst_loses_nothing(config, db_url, postfix, tmp_path
     """SIGKILL in the middle of a 200-message burst, restart: every message ends up
     delivered (clean) or quarantined (infected); none lost, none delivered twice."""
     cfg = hold_config(config, postfix)
-    config_file = write_config(tmp_path / "kill.toml", cfg, extra=f"""
-[[source]]
-name = "postfix"
-type = "postfix-hold"
-config_directory = "{postfix.config_dir}"
-sweep_interval = "1s"
-""")
+    config_file = write_config(tmp_path / "kill.toml", cfg,
+                               extra=hold_source_toml(postfix.config_dir))
     cmd = [sys.executable, "-m", "spoolscan", "--config", str(config_file)]
     infected_subjects, clean_subjects = set(), set()
     for i in range(200):
@@ -361,26 +344,15 @@ def test_hashed_hold_directories_are_watched(config, store, postfix):
     postfix.postconf(hash_queue_names="deferred, defer, hold")
     cfg = hold_config(config, postfix)
     worker = build_worker(cfg, store)
-    clean = eicar = None
 
     def settled() -> bool:
         return len(postfix.delivered("rcpt")) == 1 and postfix.held_ids() == []
 
-    import threading
-
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with running(worker):
         time.sleep(0.5)  # watching before the mail arrives: events, not only sweeps
         clean = postfix.send(message(subject="hashed"), recipients=[RCPT])
         eicar = postfix.send(eicar_message(), recipients=[RCPT])
-        deadline = time.monotonic() + 30
-        while not settled() and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        stop.set()
-        thread.join(30)
+        wait_until(settled)
     assert settled()
     rows = {r["queue_id"]: r for r in scans(store)}
     assert rows[clean]["action"] == "release" and rows[eicar]["action"] == "quarantine"

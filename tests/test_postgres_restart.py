@@ -12,11 +12,11 @@ import pwd
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import running
 from mail import message
 from sqlalchemy import create_engine, text
 
@@ -108,10 +108,7 @@ def test_postgres_restart_keeps_mail_held_then_it_flows(clamd_config, postfix,
                  policy=PolicyConfig(local_domains=("spoolscan.test",), retry_delay=0.2))
     store = Store.open(pg.url)
     worker = build_worker(cfg, store)
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with running(worker):
         postfix.send(message(subject="before the restart"), recipients=[RCPT])
         postfix.wait_delivered("rcpt", 1)
 
@@ -124,9 +121,6 @@ def test_postgres_restart_keeps_mail_held_then_it_flows(clamd_config, postfix,
         pg.start()
         postfix.wait_delivered("rcpt", 2, timeout=60)
         assert postfix.held_ids() == []
-    finally:
-        stop.set()
-        thread.join(60)
     assert "database unavailable" in caplog.text
     with store.engine.connect() as conn:
         released = conn.execute(text(

@@ -5,10 +5,9 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from datetime import timedelta
 
-from conftest import write_config
+from conftest import hold_source_toml, wait_until, write_config
 from mail import deliver, eicar_message, message
 
 from spoolscan.jobs import check_signatures, rescan, start_scheduler
@@ -16,23 +15,10 @@ from spoolscan.jobs import check_signatures, rescan, start_scheduler
 RCPT = "rcpt@spoolscan.test"
 
 
-def wait_until(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.1)
-
-
 def test_run_scans_hold_queue_and_maildirs_until_sigterm(config, postfix, tmp_path):
     maildirs = postfix.vmail_dir
-    config_file = write_config(tmp_path / "run.toml", config, extra=f"""
-[[source]]
-name = "postfix"
-type = "postfix-hold"
-config_directory = "{postfix.config_dir}"
-sweep_interval = "1s"
-
+    config_file = write_config(tmp_path / "run.toml", config,
+                               extra=hold_source_toml(postfix.config_dir) + f"""
 [[source]]
 name = "mailboxes"
 type = "maildir"
