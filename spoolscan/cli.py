@@ -50,29 +50,29 @@ def _open_store(config: Config, auto_create: bool = True):  # type: ignore[no-un
 
 
 def cmd_scan(args: argparse.Namespace, config: Config) -> int:
-    from spoolscan.scan_paths import scan_paths
-    from spoolscan.scanner import ClamdScanner
-    from spoolscan.scanning import ScanService
+    from spoolscan.clamd import ClamdClient
+    from spoolscan.ondemand import scan_paths
+    from spoolscan.scan import ScanService
 
     store = None if args.no_store else _open_store(config)
-    scanner = ClamdScanner(config.clamd, max_size=config.policy.max_size)
-    service = ScanService(scanner=scanner, store=store, use_cache=not args.no_cache)
+    client = ClamdClient(config.clamd, max_size=config.policy.max_size)
+    service = ScanService(client=client, store=store, use_cache=not args.no_cache)
     try:
         return scan_paths(service, args.paths, concurrency=config.clamd.concurrency,
-                          as_json=args.json)
+                          as_json=args.json, sources=config.sources, policy=config.policy)
     finally:
         if store is not None:
             store.close()
 
 
 def cmd_version(args: argparse.Namespace, config: Config) -> int:
-    from spoolscan.scanner import ClamdError, ClamdScanner
+    from spoolscan.clamd import ClamdClient, ClamdError
 
     print(f"spoolscan {__version__}")
-    scanner = ClamdScanner(config.clamd)
+    client = ClamdClient(config.clamd)
     try:
-        print(f"clamd {scanner.version()} ({config.clamd.endpoint})")
-        print(f"signature fingerprint {scanner.fingerprint()}")
+        print(f"clamd {client.version()} ({config.clamd.endpoint})")
+        print(f"signature fingerprint {client.fingerprint()}")
     except ClamdError as exc:
         print(f"clamd: unavailable: {exc}")
         return EXIT_ERROR
@@ -109,13 +109,14 @@ def cmd_rescan(args: argparse.Namespace, config: Config) -> int:
     from datetime import timedelta
 
     from spoolscan.config import parse_duration
-    from spoolscan.jobs import print_summary, rescan
-    from spoolscan.runner import build_worker
+    from spoolscan.rescan import print_summary, rescan
+    from spoolscan.runner import build_worker, prepare
     from spoolscan.store.repo import utcnow
 
     if args.source:
         config.source(args.source)  # raises ConfigError for an unknown name
     store = _open_store(config)
+    prepare(config)
     worker = build_worker(config, store, only=args.source)
     try:
         fingerprint = worker.service.fingerprints.refresh()
@@ -186,8 +187,9 @@ def cmd_setup(args: argparse.Namespace, config: Config) -> int:
 def cmd_quarantine(args: argparse.Namespace, config: Config) -> int:
     from datetime import timedelta
 
-    from spoolscan import quarantine as q
     from spoolscan.config import parse_duration
+    from spoolscan.fsutil import printable
+    from spoolscan.quarantine import commands as q
     from spoolscan.store.repo import utcnow
 
     store = _open_store(config, auto_create=False)
@@ -203,7 +205,7 @@ def cmd_quarantine(args: argparse.Namespace, config: Config) -> int:
             return EXIT_OK
         if args.q_command == "purge":
             days = args.older_than_days or config.quarantine.retention_days
-            print(f"deleted {q.purge(store, days)} quarantined message(s) older than "
+            print(f"deleted {q.purge(store, config, days)} quarantined message(s) older than "
                   f"{days} days")
             return EXIT_OK
         status = EXIT_OK
@@ -216,13 +218,14 @@ def cmd_quarantine(args: argparse.Namespace, config: Config) -> int:
                     else:
                         for key, value in entry.as_json().items():
                             print(f"{key:16} {value}")
-                        print("\n" + q.headers(entry) + "\n")
+                        print("\n" + q.headers(config, entry) + "\n")
                 elif args.q_command == "release":
-                    print(f"{message_id}: released to {q.release(store, entry)}")
+                    where = q.release(store, config, entry)
+                    print(f"{message_id}: released to {printable(where)}")
                 elif args.q_command == "delete":
-                    q.delete(store, entry)
+                    q.delete(store, config, entry)
                     print(f"{message_id}: deleted")
-            except q.QuarantineError as exc:
+            except (q.QuarantineError, OSError) as exc:
                 print(f"spoolscan: {exc}", file=sys.stderr)
                 status = EXIT_ERROR
         return status

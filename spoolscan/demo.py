@@ -25,7 +25,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 from spoolscan.cli import main as spoolscan
-from spoolscan.localclamd import EICAR, TESTFILES_DIR, ClamdInstance
+from spoolscan.testing.clamd import EICAR, TESTFILES_DIR, ClamdInstance
 
 SYSTEM_SOCKET = "/var/run/clamav/clamd.ctl"
 

@@ -15,11 +15,11 @@ from spoolscan.config import Config, SourceConfig
 
 
 def _check_clamd(config: Config) -> str:
-    from spoolscan.scanner import ClamdError, ClamdScanner
+    from spoolscan.clamd import ClamdClient, ClamdError
 
-    scanner = ClamdScanner(config.clamd)
+    client = ClamdClient(config.clamd)
     try:
-        return f"clamd answers at {config.clamd.endpoint}: {scanner.fingerprint()}"
+        return f"clamd answers at {config.clamd.endpoint}: {client.fingerprint()}"
     except ClamdError as exc:
         raise RuntimeError(f"{exc} (is clamav-daemon running? check [clamd] socket/address "
                            "and that this user may use the socket)") from None

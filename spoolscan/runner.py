@@ -6,33 +6,30 @@ import logging
 import signal
 import threading
 
-from spoolscan.config import Config, SourceConfig
-from spoolscan.scanner import ClamdScanner
+from spoolscan.broker import Broker
+from spoolscan.clamd import ClamdClient
+from spoolscan.config import Config
+from spoolscan.pipeline import Worker
+from spoolscan.quarantine.store import QuarantineStore
+from spoolscan.sources import build_source
 from spoolscan.store.repo import Store
-from spoolscan.worker import Source, Worker
 
 log = logging.getLogger(__name__)
 
 
-def build_source(src: SourceConfig, config: Config, store: Store) -> Source:
-    """The Source object for one ``[[source]]`` table."""
-    if src.type == "maildir":
-        from spoolscan.maildir_source import MaildirSource
-
-        return MaildirSource(src, config, store)
-    if src.type == "postfix-hold":
-        from spoolscan.postfix.source import HoldSource
-
-        return HoldSource(src, config, store)
-    raise ValueError(f"unknown source type {src.type!r}")
-
-
-def build_worker(config: Config, store: Store, only: str | None = None) -> Worker:
+def build_worker(config: Config, store: Store, only: str | None = None,
+                 broker: Broker | None = None) -> Worker:
     """A Worker for every configured source (or only the one named ``only``)."""
-    scanner = ClamdScanner(config.clamd, max_size=config.policy.max_size)
-    sources = [build_source(s, config, store) for s in config.sources
+    broker = broker or Broker()
+    client = ClamdClient(config.clamd, max_size=config.policy.max_size)
+    sources = [build_source(s, config, store, broker) for s in config.sources
                if only is None or s.name == only]
-    return Worker(config, store, scanner, sources)
+    return Worker(config, store, client, sources)
+
+
+def prepare(config: Config) -> None:
+    """What must exist before the worker acts: the quarantine store (0700)."""
+    QuarantineStore(config.quarantine.directory).prepare()
 
 
 def run(config: Config, store: Store, once: bool = False,
@@ -41,6 +38,7 @@ def run(config: Config, store: Store, once: bool = False,
     if not config.sources:
         log.error("no [[source]] configured: nothing to watch (see spoolscan.example.toml)")
         return 2
+    prepare(config)
     worker = build_worker(config, store)
     names = ", ".join(f"{s.name} ({s.type})" for s in config.sources)
     if once:
@@ -53,7 +51,7 @@ def run(config: Config, store: Store, once: bool = False,
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    from spoolscan.jobs import start_scheduler
+    from spoolscan.schedule import start_scheduler
 
     scheduler = start_scheduler(config, worker)
     log.info("spoolscan started: sources %s; clamd %s", names, config.clamd.endpoint)

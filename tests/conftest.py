@@ -20,14 +20,13 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from spoolscan.config import ClamdConfig, Config, DatabaseConfig, PolicyConfig, QuarantineConfig
-from spoolscan.localclamd import ClamdInstance
 from spoolscan.store.db import create_engine_for, upgrade
 from spoolscan.store.repo import Store
+from spoolscan.testing.clamd import ClamdInstance
+from spoolscan.testing.postfix import PostfixInstance
 
 PG_ADMIN_URL = os.environ.get("SPOOLSCAN_TEST_POSTGRES_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-
-from fixtures_postfix import *  # noqa: E402,F401,F403  (the private Postfix fixtures)
 
 # --- clamd -----------------------------------------------------------------------------
 
@@ -175,4 +174,51 @@ def running(worker) -> Iterator[None]:  # type: ignore[no-untyped-def]
     finally:
         stop.set()
         thread.join(60)
+
+
+# --- the private Postfix -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postfix_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """``make(name, **options) -> PostfixInstance``: started now, stopped at session end."""
+    instances: list[PostfixInstance] = []
+
+    def make(name: str = "postfix", **options: object) -> PostfixInstance:
+        instance = PostfixInstance(tmp_path_factory.mktemp(name), **options)  # type: ignore[arg-type]
+        instances.append(instance)
+        instance.start()
+        return instance
+
+    yield make
+    errors = []
+    for instance in reversed(instances):
+        try:
+            instance.stop()
+        except Exception as exc:  # stop the others anyway
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture(scope="session")
+def postfix_instance(postfix_factory) -> PostfixInstance:
+    """A running private Postfix with short queue IDs and the test milter."""
+    return postfix_factory("postfix-short", milter=True)
+
+
+@pytest.fixture(scope="session")
+def postfix_long_ids(postfix_factory) -> PostfixInstance:
+    """A running private Postfix with ``enable_long_queue_ids = yes`` and no milter."""
+    return postfix_factory("postfix-long", long_queue_ids=True)
+
+
+@pytest.fixture
+def postfix(tmp_path: Path) -> Iterator[PostfixInstance]:
+    """A private Postfix of this test's own (short queue IDs, no milter): tests that run
+    a worker on its hold queue must not see another test's mail."""
+    instance = PostfixInstance(tmp_path / "postfix")
+    instance.start()
+    yield instance
+    instance.stop()
 

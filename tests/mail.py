@@ -7,7 +7,7 @@ import os
 from email.message import EmailMessage
 from pathlib import Path
 
-from spoolscan.localclamd import EICAR
+from spoolscan.testing.clamd import EICAR
 
 _counter = itertools.count()
 
@@ -35,14 +35,25 @@ def eicar_message(subject: str = "invoice") -> bytes:
                    filename="eicar.com")
 
 
-def make_maildir(root: Path, folders: tuple[str, ...] = ()) -> Path:
+def make_maildir(root: Path, folders: tuple[str, ...] = (),
+                 owner: tuple[int, int] | None = None) -> Path:
+    """A Maildir (and Maildir++ folders); ``owner``: (uid, gid) to give it to."""
     for folder in ("", *folders):
         base = root / folder if folder else root
         for sub in ("tmp", "new", "cur"):
             (base / sub).mkdir(parents=True, exist_ok=True)
         if folder:
             (base / "maildirfolder").touch()
+    if owner is not None:
+        chown_tree(root, *owner)
     return root
+
+
+def chown_tree(root: Path, uid: int, gid: int) -> None:
+    os.chown(root, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
 
 
 def deliver(maildir: Path, content: bytes, *, subdir: str = "new", flags: str = "",
@@ -52,6 +63,8 @@ def deliver(maildir: Path, content: bytes, *, subdir: str = "new", flags: str = 
     unique = unique or f"1700000000.M{next(_counter)}P{os.getpid()}.test,S={len(content)}"
     tmp = base / "tmp" / unique
     tmp.write_bytes(content)
+    st = os.stat(maildir)  # an MDA writes as the mailbox owner
+    os.chown(tmp, st.st_uid, st.st_gid)
     name = unique + (f":2,{flags}" if subdir == "cur" else "")
     target = base / subdir / name
     os.rename(tmp, target)

@@ -19,15 +19,16 @@ from pathlib import Path
 
 import pytest
 from conftest import hold_source_toml, running, wait_until, write_config
-from fixtures_postfix import PostfixInstance
 from mail import eicar_message, message
 from sqlalchemy import text
 
+from spoolscan.broker import Broker
 from spoolscan.config import Config, SourceConfig
-from spoolscan.localclamd import TESTFILES_DIR, ClamdInstance
-from spoolscan.postfix.source import HoldSource, direction
 from spoolscan.runner import build_worker
+from spoolscan.sources.hold import HoldSource, direction
 from spoolscan.store.repo import DONE, STUCK, Store
+from spoolscan.testing.clamd import TESTFILES_DIR, ClamdInstance
+from spoolscan.testing.postfix import PostfixInstance
 
 RCPT = "rcpt@spoolscan.test"
 
@@ -100,7 +101,7 @@ def test_infected_mail_is_quarantined_and_never_delivered(config, store, postfix
     quarantined = Path(qpath)
     assert b"X5O!P%@AP" in quarantined.read_bytes() or b"WDVPIVAlQEFQ" in \
         quarantined.read_bytes()
-    envelope = json.loads((quarantined.parent / "envelope.json").read_text())
+    envelope = json.loads((quarantined.parent / "meta.json").read_text())
     assert envelope["queue_id"] == qid and envelope["recipients"] == [RCPT]
     assert quarantined.stat().st_mode & 0o777 == 0o600
     assert quarantined.parent.stat().st_mode & 0o777 == 0o700
@@ -180,8 +181,9 @@ def test_committed_clean_verdict_without_release_is_released_on_restart(config, 
     cfg = hold_config(config, postfix)
     qid = postfix.send(message(subject="crash in between"), recipients=[RCPT])
     postfix.wait_held(1)
-    source = HoldSource(cfg.sources[0], cfg, store)
-    info, _, _ = source._examine(postfix.held_path(qid))
+    source = HoldSource(cfg.sources[0], cfg, store, Broker())
+    rel = str(postfix.held_path(qid).relative_to(postfix.queue_dir / "hold"))
+    info, _ = source.examine(source.broker.hold_stat(source.queue_dir, rel)).data
     store.record_scans([ScanRecord(message=info, verdict="clean", signature=None, detail=None,
                                    fingerprint="x", duration_ms=1, trigger="arrival",
                                    cached=False, state=VERDICT)])
@@ -248,8 +250,8 @@ def test_the_log_line_starts_with_the_queue_id(config, store, postfix, caplog):
 
 def test_source_reads_queue_directory_from_postconf(config, store, postfix):
     cfg = hold_config(config, postfix)
-    source = HoldSource(cfg.sources[0], cfg, store)
-    assert source.hold_dir == postfix.queue_dir / "hold"
+    source = HoldSource(cfg.sources[0], cfg, store, Broker())
+    assert Path(source.queue_dir) == postfix.queue_dir
 
 
 @pytest.mark.slow
@@ -306,7 +308,7 @@ def test_database_down_keeps_mail_held_until_it_is_back(config, store, postfix, 
     worker = build_worker(cfg, store)
     real = worker.store.record_scans
 
-    def down(records):
+    def down(records, plan=None):
         raise OperationalError("INSERT", {}, Exception("connection refused"))
 
     worker.store.record_scans = down  # type: ignore[method-assign]
@@ -325,7 +327,7 @@ def test_a_sweep_does_not_call_gone_what_arrived_after_it_listed(config, store, 
     from spoolscan.store.repo import GONE, RETRY, MessageInfo, ScanRecord, utcnow
 
     cfg = hold_config(config, postfix)
-    source = HoldSource(cfg.sources[0], cfg, store)
+    source = HoldSource(cfg.sources[0], cfg, store, Broker())
     before = utcnow() - timedelta(seconds=5)
     info = MessageInfo(source="postfix", kind="postfix-hold",
                        identity=f"{source.host}/ABCDEF0/1/999999", location="ABCDEF0",
@@ -333,9 +335,9 @@ def test_a_sweep_does_not_call_gone_what_arrived_after_it_listed(config, store, 
     store.record_scans([ScanRecord(message=info, verdict="error", signature=None,
                                    detail="clamd down", fingerprint=None, duration_ms=0,
                                    trigger="arrival", cached=False, state=RETRY)])
-    source._mark_vanished(set(), before)  # a sweep that listed hold/ before it arrived
+    source.reconcile(set(), before)  # a sweep that listed hold/ before it arrived
     assert message_rows(store)[0]["state"] == RETRY
-    source._mark_vanished(set(), utcnow() + timedelta(seconds=1))  # a later sweep
+    source.reconcile(set(), utcnow() + timedelta(seconds=1))  # a later sweep
     assert message_rows(store)[0]["state"] == GONE
 
 

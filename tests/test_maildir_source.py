@@ -6,6 +6,7 @@ not by a sweep, unless the test is about sweeps.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -21,11 +22,13 @@ import pytest
 from mail import deliver, eicar_message, make_maildir, message
 from sqlalchemy import text
 
+from spoolscan.broker import Broker
+from spoolscan.clamd import ClamdClient
 from spoolscan.config import SourceConfig
-from spoolscan.maildir_source import MaildirSource
-from spoolscan.scanner import ClamdScanner
+from spoolscan.pipeline import Worker
+from spoolscan.quarantine.store import QuarantineStore
+from spoolscan.sources.maildir import MaildirSource
 from spoolscan.store.repo import VERDICT, ActionRecord
-from spoolscan.worker import Worker
 
 SIGNATURE = "Spoolscan.Test.EICAR-NDB.UNOFFICIAL"
 ACTED = "outcome <> 'pending' AND action <> 'leave'"  # what was done (not intents, not leave)
@@ -43,8 +46,8 @@ def make_worker(config, store):
         src = SourceConfig(name="mailboxes", type="maildir", paths=tuple(map(str, paths)),
                            quarantine=quarantine, sweep_interval=1.0)
         cfg = replace(config, sources=(src,))
-        source = MaildirSource(src, cfg, store)
-        scanner = ClamdScanner(cfg.clamd, max_size=max_size or cfg.policy.max_size)
+        source = MaildirSource(src, cfg, store, Broker())
+        scanner = ClamdClient(cfg.clamd, max_size=max_size or cfg.policy.max_size)
         worker = Worker(cfg, store, scanner, [source])
         made.append(worker)
         return worker, source
@@ -142,7 +145,7 @@ def test_a_mailbox_created_after_start_is_picked_up_by_the_next_sweep(make_worke
 
     worker.sweep(source)
     wait_for_scans(store, worker, 1)
-    assert source.watched() == [tmp_path / "vmail" / "alice" / "Maildir", late]
+    assert source.watched() == [str(tmp_path / "vmail" / "alice" / "Maildir"), str(late)]
 
     second = deliver(late, message(subject="after the sweep"))  # now by the watch
     wait_for_scans(store, worker, 2)
@@ -194,10 +197,8 @@ def test_a_burst_that_overflows_the_inotify_queue_is_scanned_exactly_once(make_w
 
 def test_infected_mail_moves_to_the_quarantine_folder_keeping_its_name_and_flags(
         make_worker, store, tmp_path):
-    root = make_maildir(tmp_path / "Maildir")
+    root = make_maildir(tmp_path / "Maildir", owner=(1234, 1235))
     os.chmod(root, 0o750)
-    if os.geteuid() == 0:
-        os.chown(root, 1234, 1235)
     worker, _ = make_worker(root)
     worker.start()
     in_new = deliver(root, eicar_message("new"))
@@ -253,13 +254,18 @@ def test_store_quarantine_moves_infected_mail_to_a_private_dated_directory(
                           f"FROM actions WHERE {ACTED}")
     target = Path(row["quarantine_path"])
     base = Path(config.quarantine.directory)
-    assert target.parent in _quarantine_day_dirs(base)
-    assert target.name == f"{row['message_id']}-{path.name.split(':')[0]}"
+    # <base>/<day>/<message id>-<scan id>/message.eml: names from our own IDs only
+    assert target.parent.parent in _quarantine_day_dirs(base)
+    assert target.name == "message.eml"
+    assert target.parent.name.startswith(f"{row['message_id']}-")
     assert (row["original_path"], row["outcome"]) == (str(path), "ok")
     assert not path.exists() and target.read_bytes() == content
-    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(target.parent).st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(base).st_mode) == 0o700
+    meta = json.loads((target.parent / "meta.json").read_text())
+    assert (meta["folder"], meta["subdir"], meta["name"]) == ("", "cur", path.name)
+    for p in (target, target.parent / "meta.json"):
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
+    for d in (target.parent, target.parent.parent, base):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
     assert not (root / ".Quarantine").exists()
 
 
@@ -275,17 +281,17 @@ def test_store_quarantine_on_another_filesystem_copies_then_unlinks(make_worker,
         os.utime(path, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
         content = path.read_bytes()
         worker, source = make_worker(root, quarantine="store")
-        source.config = replace(source.config,
-                                quarantine=replace(config.quarantine, directory=str(qdir)))
+        source.quarantine_store = QuarantineStore(str(qdir))
         worker.run_once()
 
         (row,) = query(store, f"SELECT quarantine_path, outcome FROM actions WHERE {ACTED}")
         target = Path(row["quarantine_path"])
-        assert row["outcome"] == "ok" and target.parent.parent == qdir
+        assert row["outcome"] == "ok" and target.parents[2] == qdir
         assert target.read_bytes() == content and not path.exists()
         assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
         assert os.stat(target).st_mtime_ns == 1_600_000_000_000_000_000
-        assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temp left
+        assert sorted(p.name for p in target.parent.iterdir()) == ["message.eml",
+                                                                   "meta.json"]  # no temp
     finally:
         shutil.rmtree(qdir.parent)
 
@@ -317,7 +323,7 @@ def test_a_quarantine_interrupted_after_the_move_is_recorded_done_by_the_next_sw
 
     def die_after_moving(_source, items):
         acting = [p for p in items if p.decision.acts]
-        store.record_actions([ActionRecord(p.stored.message_id, p.stored.scan_id,
+        store.record_actions([ActionRecord(p.message_id, p.scan_id,
                                            p.decision.action, "pending") for p in acting])
         source.act(acting)  # the file is moved, then the process dies: nothing recorded
 
@@ -552,5 +558,5 @@ def test_a_rescan_job_follows_a_renamed_message_and_is_none_for_a_deleted_one(
     job = source.job_for(rows[str(kept)], "rescan")
     assert (job.info.location, job.info.identity, job.trigger) == (
         str(seen), rows[str(kept)]["identity"], "rescan")
-    assert job.payload.root == root
+    assert job.payload.loc.root == str(root)
     assert source.job_for(rows[str(deleted)], "rescan") is None

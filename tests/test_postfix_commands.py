@@ -13,10 +13,10 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from fixtures_postfix import LOCAL_DOMAIN, PostfixInstance
 
 from spoolscan.postfix import commands
 from spoolscan.postfix.commands import InvalidQueueId, PostfixCommandError
+from spoolscan.testing.postfix import LOCAL_DOMAIN, PostfixInstance
 
 INSTANCES = ["postfix_instance", "postfix_long_ids"]
 

@@ -19,7 +19,6 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from fixtures_postfix import LOCAL_DOMAIN, MILTER_BODY, PostfixInstance
 
 from spoolscan.postfix.queuefile import (
     READ_CHUNK,
@@ -27,6 +26,7 @@ from spoolscan.postfix.queuefile import (
     QueueFileError,
     QueueFileNotReady,
 )
+from spoolscan.testing.postfix import LOCAL_DOMAIN, MILTER_BODY, PostfixInstance
 
 INSTANCES = ["postfix_instance", "postfix_long_ids"]
 RCPT = f"rcpt@{LOCAL_DOMAIN}"

@@ -15,10 +15,11 @@ from mail import deliver, eicar_message, make_maildir, message
 from sqlalchemy import text
 
 from spoolscan.config import Config, SourceConfig
-from spoolscan.jobs import check_signatures, cron_trigger, rescan
-from spoolscan.localclamd import ClamdInstance, ndb_line
+from spoolscan.rescan import check_signatures, rescan
 from spoolscan.runner import build_worker
+from spoolscan.schedule import cron_trigger
 from spoolscan.store.repo import Store
+from spoolscan.testing.clamd import ClamdInstance, ndb_line
 
 MARKER = b"SPOOLSCAN-RETROACTIVE-TEST-MARKER-7731"
 NEW_SIGNATURE = ndb_line("Spoolscan.Test.Retro", MARKER)
@@ -186,7 +187,7 @@ def test_cron_weekdays_count_like_crontab(expr, weekday):
 
 
 def test_cron_weekday_ranges_and_steps():
-    from spoolscan.jobs import _dow_field
+    from spoolscan.schedule import _dow_field
 
     assert _dow_field("1-5") == "mon,tue,wed,thu,fri"
     assert _dow_field("0-6") == "sun,mon,tue,wed,thu,fri,sat"

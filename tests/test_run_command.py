@@ -10,7 +10,8 @@ from datetime import timedelta
 from conftest import hold_source_toml, wait_until, write_config
 from mail import deliver, eicar_message, message
 
-from spoolscan.jobs import check_signatures, rescan, start_scheduler
+from spoolscan.rescan import check_signatures, rescan
+from spoolscan.schedule import start_scheduler
 
 RCPT = "rcpt@spoolscan.test"
 

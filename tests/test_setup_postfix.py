@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
-from fixtures_postfix import PostfixInstance
 from mail import message
 
 from spoolscan.postfix.setup import TABLE_NAME, setup_postfix
+from spoolscan.testing.postfix import PostfixInstance
 
 
 @pytest.fixture

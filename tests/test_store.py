@@ -207,12 +207,11 @@ def test_a_batch_of_new_and_known_messages_keeps_each_verdict_with_its_message(s
 
 
 def test_a_finished_message_is_not_rewritten_by_a_late_failure(store):
-    from spoolscan.store.repo import GONE
 
     record(store, identity="finished")
     info = MessageInfo(source="postfix", kind="postfix-hold", identity="finished",
                        location="ABC123")
-    store.note_failure(info, GONE, "no longer in the queue", None)
+    store.note_failure(info, "no longer in the queue", retry=None)
     with store.engine.connect() as conn:
         assert conn.execute(text("SELECT state FROM messages")).scalar() == DONE
 

@@ -810,10 +810,24 @@ class QueueFile:
             if exc.errno == errno.ELOOP:
                 raise QueueFileError(f"{label}: is a symbolic link (not followed)") from exc
             raise
+        return cls.from_fd(fd, path, check_content=check_content)
+
+    @classmethod
+    def from_fd(cls, fd: int, path: str | os.PathLike[str], *, check_content: bool = True,
+                envelope: Envelope | None = None) -> QueueFile:
+        """Validate the queue file open at ``fd`` (which this object then owns and
+        closes, also on error).  ``path`` names it in messages and gives the queue ID.
+
+        ``envelope``: the envelope read earlier from this same file (same inode: Postfix
+        does not rewrite held files), so that it is not parsed again.
+        """
+        path = Path(path)
+        label = _display_name(path)
         try:
             st = os.fstat(fd)
             _check_file(st, label)
-            envelope = _parse(fd, st.st_size, label, path.name, check_content)
+            if envelope is None:
+                envelope = _parse(fd, st.st_size, label, path.name, check_content)
         except BaseException:
             os.close(fd)
             raise

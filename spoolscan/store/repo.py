@@ -6,7 +6,7 @@ its message row or not at all.  Callers act on mail only after ``record_scans`` 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import cast
@@ -30,7 +30,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from spoolscan.scanner import CLEAN, INFECTED
+from spoolscan.backoff import Retry
+from spoolscan.model import Decision, MessageInfo, Prior, State, Verdict
 from spoolscan.store.db import check_schema, create_engine_for
 from spoolscan.store.models import Action, Fingerprint, Message, Scan
 
@@ -39,15 +40,10 @@ scans = cast(Table, Scan.__table__)
 actions = cast(Table, Action.__table__)
 fingerprints = cast(Table, Fingerprint.__table__)
 
-# Message states (the lifecycle recorded in messages.state).
-SEEN = "seen"
-SCANNING = "scanning"
-VERDICT = "verdict"
-ACTING = "acting"
-DONE = "done"
-RETRY = "retry"  # unchecked/error, kept where it is, will be scanned again
-STUCK = "stuck"  # gave up after max_attempts: still held / left, needs an admin
-GONE = "gone"  # vanished before spoolscan finished with it
+# The lifecycle recorded in messages.state (see spoolscan.model.State).
+SEEN, VERDICT, ACTING, DONE = State.SEEN, State.VERDICT, State.ACTING, State.DONE
+RETRY, STUCK, GONE, RELEASED = State.RETRY, State.STUCK, State.GONE, State.RELEASED
+CLEAN, INFECTED = Verdict.CLEAN, Verdict.INFECTED
 
 # Held mail that is done has left the hold queue (released, quarantined): nothing of it
 # is left to rescan there (delivered copies are the Maildir source's messages).
@@ -118,24 +114,6 @@ def as_utc(value: datetime | None) -> datetime | None:
 
 
 @dataclass(frozen=True)
-class MessageInfo:
-    """What a source knows about a message, before scanning."""
-
-    source: str
-    kind: str  # postfix-hold | maildir | file
-    identity: str
-    location: str
-    queue_id: str | None = None
-    host: str | None = None
-    sender: str | None = None
-    recipients: tuple[str, ...] = ()
-    direction: str | None = None
-    size: int | None = None
-    content_hash: str | None = None
-    arrived_at: datetime | None = None
-
-
-@dataclass(frozen=True)
 class ScanRecord:
     """One scan result to store."""
 
@@ -147,9 +125,14 @@ class ScanRecord:
     duration_ms: int
     trigger: str  # arrival | rescan | manual
     cached: bool
-    state: str  # the message's state after this scan
+    # The message's state after this scan, when the caller knows it; else the ``plan``
+    # given to ``Store.record_scans`` decides from what the store knew before.
+    state: str | None = None
     next_attempt_at: datetime | None = None
-    count_attempt: bool = True
+
+
+#: ``plan(record, prior)``: the decision for a scan, given the message's stored row.
+Plan = Callable[[ScanRecord, Prior], Decision]
 
 
 @dataclass(frozen=True)
@@ -159,6 +142,7 @@ class StoredScan:
     previous_verdict: str | None
     attempts: int
     retroactive: bool
+    decision: Decision | None = None  # what the plan decided (record_scans with a plan)
 
 
 @dataclass(frozen=True)
@@ -267,23 +251,28 @@ class Store:
 
     # --- recording -------------------------------------------------------------------
 
-    def record_scans(self, records: Sequence[ScanRecord]) -> list[StoredScan]:
+    def record_scans(self, records: Sequence[ScanRecord], plan: Plan | None = None
+                     ) -> list[StoredScan]:
         """Store a batch of scans and their messages in one transaction.
 
-        A few statements per batch, not per message: the store must keep up with clamd.
+        With ``plan``, each record's resulting state comes from ``plan(record, prior)``,
+        called inside the transaction with what the store knew of the message before
+        (state, verdict, signature, failed attempts): the decision and the verdict are
+        committed together.  A few statements per batch, not per message: the store must
+        keep up with clamd.
         """
         if not records:
             return []
         out: list[StoredScan] = []
         with self.engine.begin() as conn:
             for part in _distinct_rounds(records):
-                out.extend(self._record_batch(conn, part))
+                out.extend(self._record_batch(conn, part, plan))
         return out
 
     def _upsert_messages(self, conn: Connection, infos: Sequence[MessageInfo],
                          now: datetime) -> list[Row]:
-        """Insert or update message rows; returns (id, verdict, attempts) as they were
-        before this batch (the upsert does not touch verdict and attempts)."""
+        """Insert or update message rows; returns (id, state, verdict, signature,
+        attempts) as they were before this batch (the upsert does not touch those)."""
         stmt = self._insert(messages)
         # Keep what we knew when a later sighting knows less (e.g. envelope fields).
         keep = {k: func.coalesce(stmt.excluded[k], messages.c[k]) for k in _MESSAGE_FIELDS}
@@ -295,24 +284,39 @@ class Store:
         # PostgreSQL does not give rows back in parameter order when a batch mixes new
         # and existing messages.
         result = conn.execute(stmt.returning(messages.c.source, messages.c.identity,
-                                             messages.c.id, messages.c.verdict,
+                                             messages.c.id, messages.c.state,
+                                             messages.c.verdict, messages.c.signature,
                                              messages.c.attempts), params)
         by_key = {(r.source, r.identity): r for r in result}
         return [by_key[(i.source, i.identity)] for i in infos]
 
-    def _record_batch(self, conn: Connection, records: Sequence[ScanRecord]) -> list[StoredScan]:
+    def _record_batch(self, conn: Connection, records: Sequence[ScanRecord],
+                      plan: Plan | None) -> list[StoredScan]:
         now = utcnow()
         before = self._upsert_messages(conn, [r.message for r in records], now)
         stored: list[StoredScan] = []
         scan_params = []
+        updates = []
         for r, prev in zip(records, before, strict=True):
             retroactive = (r.trigger == "rescan" and prev.verdict == CLEAN
                            and r.verdict == INFECTED)
             # attempts counts consecutive failures (scans without a definite verdict,
             # failed actions) since the last success; a finished action resets it.
-            failed_scan = r.verdict not in (CLEAN, INFECTED) and r.count_attempt
+            failed_scan = r.verdict not in (CLEAN, INFECTED)
             attempts = prev.attempts + 1 if failed_scan else prev.attempts
-            stored.append(StoredScan(prev.id, 0, prev.verdict, attempts, retroactive))
+            decision = None
+            state, next_at = r.state, r.next_attempt_at
+            if plan is not None:
+                prior = Prior(prev.id, State(prev.state) if prev.state else None,
+                              Verdict(prev.verdict) if prev.verdict else None,
+                              prev.signature, prev.attempts)
+                decision = plan(r, prior)
+                state = VERDICT if decision.acts else decision.state
+                next_at = decision.next_attempt_at
+            if state is None:
+                raise ValueError("a ScanRecord without a state needs a plan")
+            stored.append(StoredScan(prev.id, 0, prev.verdict, attempts, retroactive,
+                                     decision))
             scan_params.append({
                 "message_id": prev.id, "scanned_at": now, "verdict": r.verdict,
                 "signature": r.signature, "detail": r.detail, "fingerprint": r.fingerprint,
@@ -320,6 +324,10 @@ class Store:
                 "duration_ms": r.duration_ms, "trigger": r.trigger, "cached": r.cached,
                 "previous_verdict": prev.verdict, "retroactive": retroactive,
             })
+            updates.append({"b_id": prev.id, "b_verdict": r.verdict,
+                            "b_signature": r.signature, "b_state": state,
+                            "b_attempts": attempts, "b_next": next_at,
+                            "b_error": r.detail if failed_scan else None, "b_now": now})
         # Matched by message (unique within a round), not by position.
         scan_ids = {r.message_id: r.id for r in conn.execute(
             insert(scans).returning(scans.c.id, scans.c.message_id), scan_params)}
@@ -328,15 +336,8 @@ class Store:
                 verdict=bindparam("b_verdict"), signature=bindparam("b_signature"),
                 state=bindparam("b_state"), attempts=bindparam("b_attempts"),
                 next_attempt_at=bindparam("b_next"), last_error=bindparam("b_error"),
-                updated_at=bindparam("b_now")),
-            [{"b_id": s.message_id, "b_verdict": r.verdict, "b_signature": r.signature,
-              "b_state": r.state, "b_attempts": s.attempts, "b_next": r.next_attempt_at,
-              "b_error": r.detail if r.verdict not in (CLEAN, INFECTED) else None,
-              "b_now": now} for r, s in zip(records, stored, strict=True)])
+                updated_at=bindparam("b_now")), updates)
         return [replace(s, scan_id=scan_ids[s.message_id]) for s in stored]
-
-    def _upsert_message(self, conn: Connection, info: MessageInfo, now: datetime) -> int:
-        return self._upsert_messages(conn, [info], now)[0].id
 
     def record_action(self, message_id: int, scan_id: int | None, action: str, outcome: str,
                       detail: str | None = None, *, state: str | None = None,
@@ -396,24 +397,49 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(update(messages).where(messages.c.id.in_(ids)).values(**values))
 
-    def note_failure(self, info: MessageInfo, state: str, detail: str,
-                     next_attempt_at: datetime | None) -> tuple[int, int]:
-        """Record a message that could not even be read (corrupt, vanished...).
+    def mark_gone(self, rows: Sequence[dict], detail: str) -> int:
+        """Mark these message rows gone, each only if it has not changed since it was
+        read (same state and ``updated_at``): a message acted on meanwhile keeps what
+        happened to it.  Returns how many were marked."""
+        if not rows:
+            return 0
+        now = utcnow()
+        marked = 0
+        with self.engine.begin() as conn:
+            for row in rows:
+                result = conn.execute(
+                    update(messages).where(messages.c.id == row["id"],
+                                           messages.c.state == row["state"],
+                                           messages.c.updated_at == row["updated_at"])
+                    .values(state=GONE, last_error=detail, updated_at=now))
+                marked += result.rowcount or 0
+        return marked
 
-        Returns (message id, attempts so far).  No scan row is written: nothing was scanned.
+    def note_failure(self, info: MessageInfo, detail: str, *,
+                     retry: Callable[[int], Retry] | None) -> Retry | None:
+        """Record a message that could not even be read (corrupt, refused, vanished).
+
+        ``retry(failures so far)`` plans the next attempt (None: the message is gone).
+        No scan row is written: nothing was scanned.  A finished message stays finished:
+        a stale job that finds the file gone (released or quarantined meanwhile) must not
+        rewrite that.  Returns the retry plan used (None for gone or finished).
         """
         now = utcnow()
         with self.engine.begin() as conn:
-            message_id = self._upsert_message(conn, info, now)
-            # A finished message stays finished: a stale job that finds the file gone
-            # (it was released or quarantined meanwhile) must not rewrite that.
-            attempts = conn.execute(
-                update(messages).where(messages.c.id == message_id, messages.c.state != DONE)
-                .values(attempts=messages.c.attempts + 1, state=state, last_error=detail,
-                        next_attempt_at=next_attempt_at, updated_at=now)
-                .returning(messages.c.attempts)
-            ).scalar()
-        return message_id, attempts or 0
+            row = self._upsert_messages(conn, [info], now)[0]
+            if row.state in (DONE, RELEASED):
+                return None
+            plan = retry(row.attempts) if retry is not None else None
+            values: dict[str, object] = {"last_error": detail, "updated_at": now}
+            if plan is None:
+                values["state"] = GONE
+            else:
+                values.update(state=plan.state, attempts=plan.attempts,
+                              next_attempt_at=plan.next_attempt_at)
+            conn.execute(update(messages).where(messages.c.id == row.id,
+                                                messages.c.state.not_in((DONE, RELEASED)))
+                         .values(**values))
+        return plan
 
     # --- queries used by sources and rescans -----------------------------------------
 
@@ -430,10 +456,11 @@ class Store:
         return out
 
     def open_messages(self, source: str) -> list[dict]:
-        """Messages of ``source`` not finished (not done/gone), as dicts."""
+        """Messages of ``source`` not finished (not done/gone/released), as dicts."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(messages).where(
-                messages.c.source == source, messages.c.state.not_in((DONE, GONE))))
+                messages.c.source == source,
+                messages.c.state.not_in((DONE, GONE, RELEASED))))
             return [dict(r._mapping) for r in rows]
 
     def rescan_candidates(self, since: datetime | None, fingerprint: str,

@@ -1,4 +1,4 @@
-"""Scanning: jobs in, outcomes out, with bounded concurrency.
+"""Scanning a job: jobs in, outcomes out, with bounded concurrency.
 
 A *job* is one message to scan, described by its source: what it is (``MessageInfo``)
 and how to open its content.  The pipeline hashes the content, reuses a stored verdict
@@ -12,94 +12,30 @@ jobs are in flight, and the in-process verdict cache is an LRU of fixed size.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING
 
+from spoolscan.clamd import ClamdClient, ClamdError
 from spoolscan.content import content_hash
-from spoolscan.scanner import ERROR, UNCHECKED, ClamdError, ClamdScanner, Verdict
-from spoolscan.store.repo import MessageInfo, Store
+from spoolscan.model import ContentUnavailable, Job, Opened, Outcome, ScanResult, Verdict
+
+if TYPE_CHECKING:
+    from spoolscan.store.repo import Store
 
 log = logging.getLogger(__name__)
-
-
-class ContentUnavailable(Exception):
-    """The message could not be opened or read (vanished, corrupt, not a regular file)."""
-
-    def __init__(self, message: str, gone: bool = False) -> None:
-        super().__init__(message)
-        self.gone = gone
-
-
-@dataclass
-class Opened:
-    """An open message: a binary stream, and its descriptor when it is a plain file."""
-
-    stream: BinaryIO
-    fd: int | None = None
-    size: int | None = None
-
-
-Opener = Callable[[], contextlib.AbstractContextManager[Opened]]
-
-
-@dataclass
-class Job:
-    """One message to scan."""
-
-    info: MessageInfo
-    open: Opener
-    trigger: str = "arrival"  # arrival | rescan | manual
-    payload: Any = None  # source-specific data carried to the action step
-    attempts: int = 0
-    # (content hash, size) recorded when the message was first scanned.  Rescans use it
-    # instead of reading the content again when the size is unchanged: delivered mail is
-    # not modified in place (Maildir, Postfix queue files), so only new signatures
-    # matter, and most answers then come from the cache without any I/O.
-    known_content: tuple[str, int] | None = None
-
-
-@dataclass
-class Outcome:
-    job: Job
-    info: MessageInfo  # with content_hash and size filled in when the content was readable
-    verdict: Verdict
-    cached: bool = False
-    unavailable: ContentUnavailable | None = None
-
-
-@contextlib.contextmanager
-def open_file(path: str | os.PathLike[str]) -> Iterator[Opened]:
-    """Open a plain file for scanning: no symlinks, regular files only."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ContentUnavailable(f"{path}: no longer exists", gone=True) from None
-    except OSError as exc:
-        raise ContentUnavailable(f"{path}: cannot open: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ContentUnavailable(f"{path}: not a regular file")
-        with os.fdopen(os.dup(fd), "rb", buffering=0) as stream:
-            yield Opened(stream=stream, fd=fd, size=st.st_size)  # type: ignore[arg-type]
-    finally:
-        os.close(fd)
 
 
 class FingerprintWatch:
     """The current signature fingerprint, asked of clamd at most every ``ttl`` seconds."""
 
-    def __init__(self, scanner: ClamdScanner, store: Store | None, ttl: float = 10.0) -> None:
-        self.scanner = scanner
+    def __init__(self, client: ClamdClient, store: Store | None, ttl: float = 10.0) -> None:
+        self.client = client
         self.store = store
         self.ttl = ttl
         self._lock = threading.Lock()
@@ -122,7 +58,7 @@ class FingerprintWatch:
     def refresh_locked(self) -> None:
         self._read_at = time.monotonic()
         try:
-            value = self.scanner.fingerprint()
+            value = self.client.fingerprint()
         except ClamdError as exc:
             if not self._failing:  # once per outage, not once per message
                 log.warning("cannot read clamd's signature version: %s", exc)
@@ -153,8 +89,8 @@ class VerdictCache:
         self.store = store
         self.size = size
         self._lock = threading.Lock()
-        self._lru: OrderedDict[tuple[str, str], Verdict] = OrderedDict()
-        self._inflight: dict[tuple[str, str], Future[Verdict]] = {}
+        self._lru: OrderedDict[tuple[str, str], ScanResult] = OrderedDict()
+        self._inflight: dict[tuple[str, str], Future[ScanResult]] = {}
         self._warmed: set[str] = set()
         self._complete: str | None = None  # the fingerprint whose verdicts are all here
 
@@ -167,13 +103,13 @@ class VerdictCache:
         rows = self.store.verdicts_under(fingerprint, limit=self.size)
         with self._lock:
             for content_hash, verdict, signature in rows:
-                self._lru[(content_hash, fingerprint)] = Verdict(
-                    verdict, signature=signature, fingerprint=fingerprint)
+                self._lru[(content_hash, fingerprint)] = ScanResult(
+                    Verdict(verdict), signature=signature, fingerprint=fingerprint)
             self._trim()
             if len(rows) < self.size:
                 self._complete = fingerprint
 
-    def get(self, key: tuple[str, str]) -> Verdict | None:
+    def get(self, key: tuple[str, str]) -> ScanResult | None:
         with self._lock:
             hit = self._lru.get(key)
             if hit is not None:
@@ -186,11 +122,11 @@ class VerdictCache:
         row = self.store.cached_verdict(*key)
         if row is None:
             return None
-        verdict = Verdict(row.verdict, signature=row.signature, fingerprint=key[1])
+        verdict = ScanResult(Verdict(row.verdict), signature=row.signature, fingerprint=key[1])
         self.put(key, verdict)
         return verdict
 
-    def put(self, key: tuple[str, str], verdict: Verdict) -> None:
+    def put(self, key: tuple[str, str], verdict: ScanResult) -> None:
         with self._lock:
             self._lru[key] = verdict
             self._lru.move_to_end(key)
@@ -201,7 +137,7 @@ class VerdictCache:
             self._lru.popitem(last=False)
             self._complete = None  # evicted entries must be looked up again
 
-    def claim(self, key: tuple[str, str]) -> Future[Verdict] | None:
+    def claim(self, key: tuple[str, str]) -> Future[ScanResult] | None:
         """None if the caller should scan (and later ``release``); else a future to wait on."""
         with self._lock:
             existing = self._inflight.get(key)
@@ -210,13 +146,13 @@ class VerdictCache:
             # Another copy may have finished between the caller's get() and now.
             done = self._lru.get(key)
             if done is not None:
-                resolved: Future[Verdict] = Future()
+                resolved: Future[ScanResult] = Future()
                 resolved.set_result(done)
                 return resolved
             self._inflight[key] = Future()
             return None
 
-    def release(self, key: tuple[str, str], verdict: Verdict) -> None:
+    def release(self, key: tuple[str, str], verdict: ScanResult) -> None:
         if verdict.is_final:
             self.put(key, verdict)
         with self._lock:
@@ -229,7 +165,7 @@ class VerdictCache:
 class ScanService:
     """Scans one job at a time per calling thread; share one instance between threads."""
 
-    scanner: ClamdScanner
+    client: ClamdClient
     store: Store | None
     use_cache: bool = True
     cache: VerdictCache = field(init=False)
@@ -237,64 +173,63 @@ class ScanService:
 
     def __post_init__(self) -> None:
         self.cache = VerdictCache(self.store)
-        self.fingerprints = FingerprintWatch(self.scanner, self.store)
+        self.fingerprints = FingerprintWatch(self.client, self.store)
 
     def scan(self, job: Job) -> Outcome:
         """Hash, look up, scan.  Never raises for a problem with the message or clamd."""
         try:
             with job.open() as opened:
-                limit = self.scanner.max_size
-                if limit is not None and opened.size is not None and opened.size > limit:
-                    # Too large to scan: say so without reading it (not even to hash it).
-                    verdict = self.scanner.scan_stream(opened.stream, opened.size)
-                    return Outcome(job, replace(job.info, size=opened.size), verdict)
-                known = job.known_content
-                if known is not None and opened.size is not None and opened.size == known[1]:
-                    digest, size = known
-                else:
-                    digest, size = content_hash(opened.stream)
-                info = replace(job.info, content_hash=digest, size=size)
-                # Read the fingerprint before scanning: the stamp may be older than the
-                # signatures used, never newer (see ClamdScanner.fingerprint).
-                fingerprint = self.fingerprints.current()
-                key = (digest, fingerprint) if fingerprint else None
-                if key and self.use_cache:
-                    self.cache.warm(key[1])
-                    hit = self.cache.get(key)
-                    if hit is not None:
-                        return Outcome(job, info, replace(hit, duration_ms=0), cached=True)
-                    waiting = self.cache.claim(key)
-                    if waiting is not None:
-                        verdict = waiting.result(timeout=self.scanner.config.timeout * 2)
-                        if verdict.is_final:
-                            return Outcome(job, info, replace(verdict, duration_ms=0),
-                                           cached=True)
-                        key = None  # the other scan failed: scan this copy ourselves
-                verdict = Verdict(ERROR, detail="not scanned", fingerprint=fingerprint)
-                try:
-                    verdict = replace(self._scan_content(job, opened, size),
-                                      fingerprint=fingerprint)
-                finally:
-                    if key and self.use_cache:
-                        self.cache.release(key, verdict)
-                return Outcome(job, info, verdict)
+                return self._scan_opened(job, opened)
         except ContentUnavailable as exc:
-            detail = str(exc)
-            return Outcome(job, job.info, Verdict(ERROR, detail=detail), unavailable=exc)
+            return Outcome(job, job.info, ScanResult(Verdict.ERROR, detail=str(exc)),
+                           unavailable=exc)
         except Exception as exc:  # a reader bug must not stop the other messages
             log.exception("%s: unexpected error while scanning", job.info.location)
-            return Outcome(job, job.info, Verdict(ERROR, detail=f"internal error: {exc!r}"))
+            return Outcome(job, job.info,
+                           ScanResult(Verdict.ERROR, detail=f"internal error: {exc!r}"))
 
-    def _scan_content(self, job: Job, opened: Opened, size: int) -> Verdict:
+    def _scan_opened(self, job: Job, opened: Opened) -> Outcome:
+        limit = self.client.max_size
+        if limit is not None and opened.size is not None and opened.size > limit:
+            # Too large to scan: say so without reading it (not even to hash it).
+            result = self.client.scan_stream(opened.stream, opened.size)
+            return Outcome(job, replace(job.info, size=opened.size), result)
+        known = job.known_content
+        if known is not None and opened.size is not None and opened.size == known[1]:
+            digest, size = known
+        else:
+            digest, size = content_hash(opened.stream)
+        info = replace(job.info, content_hash=digest, size=size)
+        # Read the fingerprint before scanning: the stamp may be older than the
+        # signatures used, never newer (see ClamdClient.fingerprint).
+        fingerprint = self.fingerprints.current()
+        key = (digest, fingerprint) if fingerprint and self.use_cache else None
+        if key is not None:
+            self.cache.warm(key[1])
+            hit = self.cache.get(key)
+            if hit is not None:
+                return Outcome(job, info, replace(hit, duration_ms=0), cached=True)
+            waiting = self.cache.claim(key)
+            if waiting is not None:
+                other = waiting.result(timeout=self.client.config.timeout * 2)
+                if other.is_final:
+                    return Outcome(job, info, replace(other, duration_ms=0), cached=True)
+                key = None  # the other scan failed: scan this copy ourselves
+        result = ScanResult(Verdict.ERROR, detail="not scanned", fingerprint=fingerprint)
+        try:
+            result = replace(self._scan_content(opened, size), fingerprint=fingerprint)
+        finally:
+            if key is not None:
+                self.cache.release(key, result)
+        return Outcome(job, info, result)
+
+    def _scan_content(self, opened: Opened, size: int) -> ScanResult:
         if opened.fd is not None:
-            return self.scanner.scan_fd(opened.fd, size)
-        # Streams that cannot seek (a queue file's content) are opened a second time.
-        stream = opened.stream
-        if stream.seekable():
-            stream.seek(0)
-            return self.scanner.scan_stream(stream, size)
-        with job.open() as again:
-            return self.scanner.scan_stream(again.stream, size)
+            return self.client.scan_fd(opened.fd, size)
+        if not opened.stream.seekable():
+            raise ContentUnavailable("internal error: the content stream cannot be rewound")
+        opened.stream.seek(0)
+        return self.client.scan_stream(opened.stream, size)
 
 
 def run_jobs(service: ScanService, jobs: Iterable[Job], concurrency: int,
@@ -323,8 +258,3 @@ def run_jobs(service: ScanService, jobs: Iterable[Job], concurrency: int,
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 yield future.result()
-
-
-def is_unsafe(verdict: Verdict) -> bool:
-    """unchecked or error: never to be treated as clean."""
-    return verdict.verdict in (UNCHECKED, ERROR)

@@ -1,4 +1,4 @@
-"""The clamd scanner against a real clamd: every verdict type."""
+"""The clamd client against a real clamd: every verdict type."""
 
 import io
 import os
@@ -9,16 +9,19 @@ from pathlib import Path
 import pytest
 from mail import eicar_message, message
 
+from spoolscan.clamd import ClamdClient, parse_reply
 from spoolscan.config import ClamdConfig
-from spoolscan.localclamd import EICAR, TESTFILES_DIR, ClamdInstance
-from spoolscan.scanner import CLEAN, ERROR, INFECTED, UNCHECKED, ClamdScanner, parse_reply
+from spoolscan.model import Verdict
+from spoolscan.testing.clamd import EICAR, TESTFILES_DIR, ClamdInstance
 
+CLEAN, INFECTED, UNCHECKED, ERROR = (Verdict.CLEAN, Verdict.INFECTED, Verdict.UNCHECKED,
+                                     Verdict.ERROR)
 TESTFILES = sorted(p for p in TESTFILES_DIR.iterdir() if p.is_file())
 
 
 @pytest.fixture
 def scanner(clamd_config):
-    return ClamdScanner(clamd_config, max_size=8 * 1024 * 1024)
+    return ClamdClient(clamd_config, max_size=8 * 1024 * 1024)
 
 
 def test_clean_mail_is_clean(scanner):
@@ -86,7 +89,7 @@ def test_file_over_max_file_size_is_unchecked_not_clean(scanner, tmp_path):
 
 
 def test_content_over_max_size_is_unchecked_without_scanning(clamd_config):
-    scanner = ClamdScanner(clamd_config, max_size=100)
+    scanner = ClamdClient(clamd_config, max_size=100)
     verdict = scanner.scan_stream(io.BytesIO(b"x" * 200), size=200)
     assert verdict.verdict == UNCHECKED and "max_size" in verdict.detail
 
@@ -94,7 +97,7 @@ def test_content_over_max_size_is_unchecked_without_scanning(clamd_config):
 def test_stopped_clamd_gives_error(tmp_path):
     instance = ClamdInstance(tmp_path)
     instance.start()
-    scanner = ClamdScanner(ClamdConfig(socket=str(instance.socket_path), timeout=5))
+    scanner = ClamdClient(ClamdConfig(socket=str(instance.socket_path), timeout=5))
     assert scanner.scan_stream(io.BytesIO(b"x")).verdict == CLEAN
     instance.stop()
     verdict = scanner.scan_stream(io.BytesIO(eicar_message()))
@@ -144,7 +147,7 @@ def test_clamd_that_never_answers_gives_error_within_the_timeout(tmp_path):
 
     server = SilentServer(tmp_path / "s.sock", None)
     try:
-        scanner = ClamdScanner(ClamdConfig(socket=str(tmp_path / "s.sock"), timeout=1))
+        scanner = ClamdClient(ClamdConfig(socket=str(tmp_path / "s.sock"), timeout=1))
         started = time.monotonic()
         verdict = scanner.scan_stream(io.BytesIO(b"hello"))
         assert verdict.verdict == ERROR and "timed out" in verdict.detail
@@ -156,7 +159,7 @@ def test_clamd_that_never_answers_gives_error_within_the_timeout(tmp_path):
 def test_garbage_reply_gives_error(tmp_path):
     server = SilentServer(tmp_path / "g.sock", b"WHAT IS THIS\0")
     try:
-        scanner = ClamdScanner(ClamdConfig(socket=str(tmp_path / "g.sock"), timeout=2))
+        scanner = ClamdClient(ClamdConfig(socket=str(tmp_path / "g.sock"), timeout=2))
         verdict = scanner.scan_stream(io.BytesIO(b"hello"))
         assert verdict.verdict == ERROR and "unexpected reply" in verdict.detail
     finally:
@@ -167,12 +170,20 @@ def test_garbage_reply_gives_error(tmp_path):
     ("stream: OK", CLEAN, None),
     ("fd[7]: OK", CLEAN, None),
     ("stream: Eicar-Test-Signature FOUND", INFECTED, "Eicar-Test-Signature"),
-    ("/a: b/c: Name.X FOUND", INFECTED, "Name.X"),
+    ("fd[12]: Name.X FOUND", INFECTED, "Name.X"),
     ("stream: Heuristics.Limits.Exceeded.MaxFileSize FOUND", UNCHECKED,
      "Heuristics.Limits.Exceeded.MaxFileSize"),
     ("INSTREAM size limit exceeded. ERROR", UNCHECKED, None),
     ("stream: Can't allocate memory ERROR", ERROR, None),
     ("", ERROR, None),
+    # Anything but one strict line is no answer, never clean.
+    ("/a: b/c: Name.X FOUND", ERROR, None),  # a path reply: we never ask for one
+    ("stream: Eicar FOUND stream: OK", ERROR, None),
+    ("stream: x: Eicar FOUND: OK", ERROR, None),
+    ("stream: OK\nstream: Eicar FOUND", ERROR, None),
+    ("stream: OK ", ERROR, None),
+    ("stream:OK", ERROR, None),
+    ("STREAM: OK", ERROR, None),
 ])
 def test_replies_map_to_verdicts(reply, verdict, signature):
     parsed = parse_reply(reply)
@@ -207,7 +218,7 @@ def test_fingerprint_follows_a_signature_update(tmp_path):
     instance = ClamdInstance(tmp_path)
     instance.start()
     try:
-        scanner = ClamdScanner(ClamdConfig(socket=str(instance.socket_path),
+        scanner = ClamdClient(ClamdConfig(socket=str(instance.socket_path),
                                            database_directory=str(instance.db_dir)))
         instance.publish_daily(27001)
         first = scanner.fingerprint()
@@ -227,7 +238,7 @@ def test_fingerprint_changes_with_local_signatures_beside_the_official_ones(tmp_
     instance.start()
     try:
         instance.publish_daily(27001)
-        scanner = ClamdScanner(ClamdConfig(socket=str(instance.socket_path),
+        scanner = ClamdClient(ClamdConfig(socket=str(instance.socket_path),
                                            database_directory=str(instance.db_dir)))
         before = scanner.fingerprint()
         (instance.db_dir / "local.ndb").write_text("Local.Sig:0:*:6c6f63616c\n")

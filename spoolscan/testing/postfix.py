@@ -19,9 +19,8 @@ at end of message so that real pointer records appear:
   ``MILTER_BODY_UNTERMINATED``, which does not end with a newline;
 * ``quarantine``: quarantine the message (which also puts it on hold).
 
-Fixtures (session scope): ``postfix_factory(name, **options)``, ``postfix_instance`` (short
-queue IDs, milter on) and ``postfix_long_ids`` (``enable_long_queue_ids = yes``, no milter).
-If Postfix fails to start, the error carries the mail log so the reason is visible.
+Used by the tests (their fixtures are in ``tests/conftest.py``) and by ``bench/``.  If
+Postfix fails to start, the error carries the mail log so the reason is visible.
 """
 
 from __future__ import annotations
@@ -42,18 +41,12 @@ from collections.abc import Iterable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
-import pytest
-
 __all__ = [
     "LOCAL_DOMAIN",
     "MILTER_BODY",
     "MILTER_BODY_UNTERMINATED",
     "PostfixInstance",
     "TestMilter",
-    "postfix",
-    "postfix_factory",
-    "postfix_instance",
-    "postfix_long_ids",
 ]
 
 LOCAL_DOMAIN = "spoolscan.test"
@@ -548,51 +541,3 @@ class PostfixInstance:
         if result.returncode != 0:
             raise RuntimeError(f"postcat failed: {result.stderr.decode(errors='replace')}")
         return result.stdout
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def postfix_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """``make(name, **options) -> PostfixInstance``: started now, stopped at session end."""
-    instances: list[PostfixInstance] = []
-
-    def make(name: str = "postfix", **options: object) -> PostfixInstance:
-        instance = PostfixInstance(tmp_path_factory.mktemp(name), **options)  # type: ignore[arg-type]
-        instances.append(instance)
-        instance.start()
-        return instance
-
-    yield make
-    errors = []
-    for instance in reversed(instances):
-        try:
-            instance.stop()
-        except Exception as exc:  # stop the others anyway
-            errors.append(exc)
-    if errors:
-        raise errors[0]
-
-
-@pytest.fixture(scope="session")
-def postfix_instance(postfix_factory) -> PostfixInstance:
-    """A running private Postfix with short queue IDs and the test milter."""
-    return postfix_factory("postfix-short", milter=True)
-
-
-@pytest.fixture(scope="session")
-def postfix_long_ids(postfix_factory) -> PostfixInstance:
-    """A running private Postfix with ``enable_long_queue_ids = yes`` and no milter."""
-    return postfix_factory("postfix-long", long_queue_ids=True)
-
-
-@pytest.fixture
-def postfix(tmp_path: Path) -> Iterator[PostfixInstance]:
-    """A private Postfix of this test's own (short queue IDs, no milter): tests that run
-    a worker on its hold queue must not see another test's mail."""
-    instance = PostfixInstance(tmp_path / "postfix")
-    instance.start()
-    yield instance
-    instance.stop()
-

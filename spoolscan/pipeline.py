@@ -1,14 +1,15 @@
-"""The worker: sources → scanner → policy → actions → store, running until stopped.
+"""The pipeline: sources → scan → policy → store → actions → store, until stopped.
 
 Like Postfix's own daemons, it is a few small loops joined by queues with explicit states:
 
 * **sources** (the hold-queue watcher, the Maildir watcher, sweeps, rescans) ``submit``
   jobs into a bounded queue; a full queue blocks them (back-pressure, bounded memory);
 * the **dispatcher** hands jobs to ``concurrency`` scanner threads;
-* the **committer** takes finished scans in batches: it decides (policy), commits the
-  verdicts, and only then asks the source to act (release, quarantine...), then records
-  what happened.  If the commit fails, nothing is done to the mail: it stays where it is
-  and the next sweep brings it back.
+* the **committer** takes finished scans in batches: it commits the verdicts together
+  with the policy's decisions (made from what the store knew of each message), writes the
+  intent of each action, and only then asks the source to act (release, quarantine...),
+  then records what happened.  If a commit fails, nothing is done to the mail: it stays
+  where it is and the next sweep brings it back.
 
 A message is in the pipeline at most once: a job for a message already queued or being
 scanned is dropped.
@@ -22,65 +23,36 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import replace
 
 from sqlalchemy.exc import DBAPIError
 
+from spoolscan.backoff import after_failure
+from spoolscan.clamd import ClamdClient
 from spoolscan.config import Config
-from spoolscan.policy import Decision, decide, retry_delay
-from spoolscan.scanner import CLEAN, INFECTED, ClamdScanner
-from spoolscan.scanning import Job, Outcome, ScanService
-from spoolscan.store.repo import (
-    GONE,
-    RETRY,
-    STUCK,
-    VERDICT,
-    ActionRecord,
-    ScanRecord,
-    Store,
-    StoredScan,
-    utcnow,
+from spoolscan.fsutil import printable
+from spoolscan.model import (
+    Action,
+    ActionOutcome,
+    Job,
+    Outcome,
+    Pending,
+    Prior,
+    State,
+    Trigger,
+    Verdict,
 )
+from spoolscan.policy import decide
+from spoolscan.scan import ScanService
+from spoolscan.sources.base import Source
+from spoolscan.store.repo import ActionRecord, ScanRecord, Store, utcnow
 
 log = logging.getLogger(__name__)
 
 JOB_QUEUE_SIZE = 1000  # jobs waiting for a scanner thread
 OPEN_LIMIT = 256  # jobs scanned but not yet committed and acted on, plus those in scan
-
-
-@dataclass
-class Pending:
-    """A scan whose verdict is committed; the source now acts on the decision."""
-
-    outcome: Outcome
-    decision: Decision
-    stored: StoredScan
-
-
-class Source(Protocol):
-    """Where messages come from, and how to act on them."""
-
-    name: str
-    held: bool  # True for the hold queue: clean mail is released, not left in place
-
-    def start(self, submit: Callable[[Job], bool]) -> None:
-        """Start watching; call ``submit`` for each message that needs scanning."""
-
-    def stop(self) -> None:
-        """Stop watching."""
-
-    def sweep(self) -> Iterator[Job]:
-        """Jobs for every message present that needs work (arrived, due for a retry,
-        verdict committed but not acted on).  Marks vanished messages gone."""
-
-    def act(self, items: list[Pending]) -> list[ActionRecord]:
-        """Carry out the decisions (only those whose ``decision.acts``); one record each."""
-
-    def job_for(self, row: dict, trigger: str) -> Job | None:
-        """A job to rescan a stored message, or None if it is no longer there."""
 
 
 def log_failure(logger: logging.Logger, what: str, exc: Exception) -> None:
@@ -94,43 +66,43 @@ def log_failure(logger: logging.Logger, what: str, exc: Exception) -> None:
 
 def log_line(p: Pending, record: ActionRecord | None) -> str:
     """One line per message, queue ID (or path) first, like Postfix's own logs."""
-    o, v = p.outcome, p.outcome.verdict
+    o, r = p.outcome, p.outcome.result
     info = o.info
-    parts = [f"{info.queue_id or info.location}: verdict={v.verdict}"]
-    if v.signature:
-        parts.append(f"signature={v.signature}")
-    action = p.decision.action
-    if record is not None:
-        action = action if record.outcome == "ok" else f"{action}-{record.outcome}"
+    parts = [f"{printable(info.queue_id or info.location)}: verdict={r.verdict}"]
+    if r.signature:
+        parts.append(f"signature={printable(r.signature)}")
+    action = str(p.decision.action)
+    if record is not None and record.outcome != ActionOutcome.OK:
+        action = f"{action}-{record.outcome}"
     parts.append(f"action={action}")
-    if p.decision.state in (RETRY, STUCK):
+    if p.decision.state in (State.RETRY, State.STUCK):
         parts.append(f"state={p.decision.state}")
     if info.direction:
         parts.append(f"direction={info.direction}")
     if info.kind == "postfix-hold":
-        parts.append(f"from=<{info.sender or ''}> nrcpt={len(info.recipients)}")
-    if o.job.trigger != "arrival":
+        parts.append(f"from=<{printable(info.sender or '')}> nrcpt={len(info.recipients)}")
+    if o.job.trigger != Trigger.ARRIVAL:
         parts.append(f"trigger={o.job.trigger}")
-    if p.stored.retroactive:
+    if p.retroactive:
         parts.append("retroactive=yes")
     if o.cached:
         parts.append("cached=yes")
-    parts.append(f"ms={v.duration_ms}")
-    if v.verdict not in (CLEAN, INFECTED) and v.detail:
-        parts.append(f"reason=\"{v.detail}\"")
-    if record is not None and record.outcome != "ok" and record.detail:
-        parts.append(f"detail=\"{record.detail}\"")
+    parts.append(f"ms={r.duration_ms}")
+    if not r.verdict.definite and r.detail:
+        parts.append(f'reason="{printable(r.detail)}"')
+    if record is not None and record.outcome != ActionOutcome.OK and record.detail:
+        parts.append(f'detail="{printable(record.detail)}"')
     return " ".join(parts)
 
 
 class Worker:
     """Runs the pipeline for a set of sources.  See the module docstring."""
 
-    def __init__(self, config: Config, store: Store, scanner: ClamdScanner,
+    def __init__(self, config: Config, store: Store, client: ClamdClient,
                  sources: Iterable[Source]) -> None:
         self.config = config
         self.store = store
-        self.service = ScanService(scanner=scanner, store=store)
+        self.service = ScanService(client=client, store=store)
         self.sources = {s.name: s for s in sources}
         self.stats: Counter[str] = Counter()
         # None in either queue only wakes its reader (see stop()).
@@ -221,37 +193,43 @@ class Worker:
     # --- verdict → store → action → store --------------------------------------------
 
     def process(self, outcomes: list[Outcome]) -> None:
-        """Commit the verdicts of ``outcomes``, then act on them, then record the actions."""
+        """Commit the verdicts and decisions of ``outcomes``, then act, then record."""
         now = utcnow()
-        records: list[ScanRecord] = []
-        planned: list[tuple[Outcome, Decision]] = []
+        scanned: list[Outcome] = []
         for o in outcomes:
-            source = self.sources.get(o.info.source)
             if o.unavailable is not None:
                 self._note_unavailable(o)
-                continue
-            decision = decide(o.verdict, held=bool(source and source.held),
-                              attempts=o.job.attempts, policy=self.config.policy, now=now)
-            v = o.verdict
-            records.append(ScanRecord(
-                message=o.info, verdict=v.verdict, signature=v.signature, detail=v.detail,
-                fingerprint=v.fingerprint, duration_ms=v.duration_ms, trigger=o.job.trigger,
-                cached=o.cached, state=VERDICT if decision.acts else decision.state,
-                next_attempt_at=decision.next_attempt_at,
-            ))
-            planned.append((o, decision))
-        if not records:
+            else:
+                scanned.append(o)
+        if not scanned:
             return
+        records = [ScanRecord(
+            message=o.info, verdict=o.result.verdict, signature=o.result.signature,
+            detail=o.result.detail, fingerprint=o.result.fingerprint,
+            duration_ms=o.result.duration_ms, trigger=o.job.trigger, cached=o.cached,
+        ) for o in scanned]
+        by_record = {id(r): o for r, o in zip(records, scanned, strict=True)}
+
+        def plan(record: ScanRecord, prior: Prior):  # type: ignore[no-untyped-def]
+            source = self.sources.get(record.message.source)
+            return decide(by_record[id(record)].result, held=bool(source and source.held),
+                          prior=prior, policy=self.config.policy, now=now)
+
         try:
-            stored = self.store.record_scans(records)
+            stored = self.store.record_scans(records, plan)
         except Exception as exc:
             # Invariant: no verdict committed, no action.  The mail stays where it is.
             self.stats["database_errors"] += len(records)
-            log.error("database unavailable, %d verdict(s) not recorded; the mail stays "
-                      "where it is and will be scanned again: %s", len(records), exc)
+            log_failure(log, f"{len(records)} verdict(s) not recorded; they will be "
+                             "scanned again", exc)
+            self._not_recorded(scanned)
             time.sleep(1.0)
             return
-        pending = [Pending(o, d, s) for (o, d), s in zip(planned, stored, strict=True)]
+        pending = []
+        for o, s in zip(scanned, stored, strict=True):
+            assert s.decision is not None
+            pending.append(Pending(o, s.decision, s.message_id, s.scan_id, s.attempts,
+                                   s.retroactive))
         by_source: dict[str, list[Pending]] = {}
         for p in pending:
             by_source.setdefault(p.outcome.info.source, []).append(p)
@@ -259,18 +237,23 @@ class Worker:
             self._act(self.sources.get(name), items)
 
     def _act(self, source: Source | None, items: list[Pending]) -> None:
-        acting = [p for p in items if p.decision.acts]
+        acting = [p for p in items if p.decision.acts and source is not None]
         results: dict[int, ActionRecord] = {}
         if acting and source is not None:
+            for p in acting:
+                if p.decision.action == Action.QUARANTINE:
+                    p.target = source.quarantine_target(p)
             # Write the intent first: if we die while acting, the restart finds a pending
-            # action for a message that is no longer where it was, and knows why.
+            # action for a message that is no longer where it was, and knows why (and,
+            # for a quarantine, where its copy went).
             try:
                 self.store.record_actions([
-                    ActionRecord(p.stored.message_id, p.stored.scan_id, p.decision.action,
-                                 "pending", p.decision.reason) for p in acting])
+                    ActionRecord(p.message_id, p.scan_id, p.decision.action,
+                                 ActionOutcome.PENDING, p.decision.reason,
+                                 quarantine_path=p.target) for p in acting])
             except Exception as exc:
-                log.error("database unavailable, not acting on %d message(s); they stay "
-                          "where they are: %s", len(acting), exc)
+                log_failure(log, f"not acting on {len(acting)} message(s); they stay "
+                                 "where they are", exc)
                 return
             try:
                 for record in source.act(acting):
@@ -278,77 +261,85 @@ class Worker:
             except Exception as exc:
                 log.exception("%s: acting on %d message(s) failed", source.name, len(acting))
                 for p in acting:
-                    results[p.stored.message_id] = ActionRecord(
-                        p.stored.message_id, p.stored.scan_id, p.decision.action, "failed",
-                        f"{exc!r}", state=RETRY)
+                    results[p.message_id] = ActionRecord(
+                        p.message_id, p.scan_id, p.decision.action, ActionOutcome.FAILED,
+                        f"{exc!r}", state=State.RETRY)
         records: list[ActionRecord] = []
         for p in items:
-            found = results.get(p.stored.message_id)
+            found = results.get(p.message_id)
             if found is None:
-                record = ActionRecord(p.stored.message_id, p.stored.scan_id,
-                                      p.decision.action, "ok", p.decision.reason,
+                record = ActionRecord(p.message_id, p.scan_id, p.decision.action,
+                                      ActionOutcome.OK, p.decision.reason,
                                       state=p.decision.state)
-            elif found.outcome == "failed":
+            elif found.outcome == ActionOutcome.FAILED:
                 record = self._retry_later(p, found)
             else:
                 record = found
             records.append(record)
             self._count(p, record)
             line = log_line(p, record)
-            if p.decision.state == STUCK or record.outcome == "failed":
+            if p.decision.state == State.STUCK or record.outcome == ActionOutcome.FAILED:
                 log.warning(line)
             else:
                 log.info(line)
-            if (p.outcome.verdict.verdict == INFECTED
+            if (p.outcome.result.verdict == Verdict.INFECTED
                     and p.outcome.info.direction in ("outbound", "internal")):
                 log.warning("%s: infected mail sent by local sender <%s>: the account may be "
-                            "compromised", p.outcome.info.queue_id or p.outcome.info.location,
-                            p.outcome.info.sender)
+                            "compromised",
+                            printable(p.outcome.info.queue_id or p.outcome.info.location),
+                            printable(p.outcome.info.sender or ""))
         try:
             self.store.record_actions(records)
         except Exception as exc:
-            log.error("database unavailable, %d action(s) done but not recorded; the next "
-                      "sweep reconciles: %s", len(records), exc)
+            log_failure(log, f"{len(records)} action(s) done but not recorded; the next "
+                             "sweep reconciles", exc)
+
+    def _not_recorded(self, outcomes: list[Outcome]) -> None:
+        """Nothing was stored for these: let the next sweep hand them over again."""
+        for o in outcomes:
+            source = self.sources.get(o.info.source)
+            if source is not None:
+                source.handed.forget(o.info.identity)
 
     def _retry_later(self, p: Pending, record: ActionRecord) -> ActionRecord:
         """A failed action: back off like a failed scan; stuck after max_attempts."""
-        policy = self.config.policy
-        attempts = p.stored.attempts + 1
-        state = STUCK if attempts >= policy.max_attempts else RETRY
-        delay = retry_delay(policy, policy.max_attempts if state == STUCK else attempts)
-        return replace(record, state=state, next_attempt_at=utcnow() + delay)
+        retry = after_failure(self.config.policy, p.attempts, utcnow())
+        return replace(record, state=retry.state, next_attempt_at=retry.next_attempt_at)
 
     def _count(self, p: Pending, record: ActionRecord) -> None:
         self.stats["scanned"] += 1
-        self.stats[p.outcome.verdict.verdict] += 1
+        self.stats[p.outcome.result.verdict] += 1
         if p.outcome.cached:
             self.stats["cached"] += 1
-        if p.stored.retroactive:
+        if p.retroactive:
             self.stats["retroactive"] += 1
         self.stats[f"action:{p.decision.action}:{record.outcome}"] += 1
-        if p.decision.state == STUCK:
+        if p.decision.state == State.STUCK:
             self.stats["stuck"] += 1
 
     def _note_unavailable(self, o: Outcome) -> None:
         assert o.unavailable is not None
-        info = o.info
-        name = info.queue_id or info.location
-        if o.unavailable.gone:
-            self.stats["gone"] += 1
-            log.info("%s: gone before it could be scanned (%s)", name, o.unavailable)
-            self.store.note_failure(info, GONE, str(o.unavailable), None)
-            return
-        self.stats["unreadable"] += 1
-        attempts = o.job.attempts + 1
+        name = printable(o.info.queue_id or o.info.location)
         policy = self.config.policy
-        if attempts >= policy.max_attempts:
-            state, when = STUCK, utcnow() + retry_delay(policy, policy.max_attempts)
-        else:
-            state, when = RETRY, utcnow() + retry_delay(policy, attempts)
-        self.store.note_failure(info, state, str(o.unavailable), when)
-        log.warning("%s: cannot be read, kept where it is: %s (attempt %d of %d%s)", name,
-                    o.unavailable, attempts, policy.max_attempts,
-                    ", flagged stuck" if state == STUCK else "")
+        try:
+            if o.unavailable.gone:
+                self.stats["gone"] += 1
+                log.info("%s: gone before it could be scanned (%s)", name,
+                         printable(str(o.unavailable)))
+                self.store.note_failure(o.info, str(o.unavailable), retry=None)
+                return
+            self.stats["unreadable"] += 1
+            retry = self.store.note_failure(
+                o.info, str(o.unavailable),
+                retry=lambda failures: after_failure(policy, failures, utcnow()))
+        except Exception as exc:
+            log_failure(log, f"{name}: not recorded", exc)
+            self._not_recorded([o])
+            return
+        if retry is not None:
+            log.warning("%s: cannot be read, kept where it is: %s (attempt %d of %d%s)",
+                        name, printable(str(o.unavailable)), retry.attempts,
+                        policy.max_attempts, ", flagged stuck" if retry.stuck else "")
 
     # --- running ---------------------------------------------------------------------
 
@@ -416,8 +407,7 @@ class Worker:
         and every ``sweep_interval`` seconds (missed events, retries, reconciliation)."""
         self._stop_requested = stop
         self.start()
-        intervals = {s.name: self.config.source(s.name).sweep_interval
-                     for s in self.sources.values() if _configured(self.config, s.name)}
+        intervals = {s.name: s.src.sweep_interval for s in self.sources.values()}
         next_sweep = {name: 0.0 for name in self.sources}
         while not stop.is_set():
             now = time.monotonic()
@@ -432,7 +422,3 @@ class Worker:
             stop.wait(0.5)
         log.info("stopping: finishing %d message(s) in flight", self.in_pipeline())
         self.stop()
-
-
-def _configured(config: Config, name: str) -> bool:
-    return any(s.name == name for s in config.sources)

@@ -1,15 +1,16 @@
-"""The clamd scanner: content in, a Verdict out.
+"""The clamd client: content in, a ScanResult out.
 
 pyclamd is used for what it does well (finding and connecting to clamd's Unix or TCP
 socket); the data path is ours because pyclamd's has defects that lose mail safety:
 an instance is not thread-safe (shared instances returned "clean" for infected files),
 it retries ``recv`` five times on a timeout, sends with ``send`` instead of ``sendall`` and
 does not frame replies.  So: one pyclamd instance per thread, ``z``-framed commands, every
-reply read up to its terminating NUL under one deadline.
+reply read up to its terminating NUL under one absolute deadline per scan.
 
-Every answer clamd can give maps to exactly one verdict.  Anything that is not a clear
-"OK" or a clear detection is *unchecked* (clamd could not scan it fully) or *error* (no
-usable answer); neither is ever treated as clean.
+Every answer clamd can give maps to exactly one verdict, and only a strict, complete reply
+(one line, the expected ``stream:``/``fd[N]:`` prefix, the NUL terminator) can mean
+``clean``.  Anything that is not a clear "OK" or a clear detection is *unchecked* (clamd
+could not scan it fully) or *error* (no usable answer); neither is ever treated as clean.
 """
 
 from __future__ import annotations
@@ -17,22 +18,18 @@ from __future__ import annotations
 import array
 import hashlib
 import os
+import re
 import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import BinaryIO, Final
 
 import pyclamd
 
 from spoolscan.config import ClamdConfig
-
-CLEAN: Final = "clean"
-INFECTED: Final = "infected"
-UNCHECKED: Final = "unchecked"
-ERROR: Final = "error"
-VERDICTS: Final = (CLEAN, INFECTED, UNCHECKED, ERROR)
+from spoolscan.model import ScanResult, Verdict
 
 CHUNK_SIZE: Final = 256 * 1024
 _MAX_REPLY: Final = 64 * 1024
@@ -40,56 +37,52 @@ _LIMITS_PREFIX: Final = "Heuristics.Limits.Exceeded."
 _DB_SUFFIXES: Final = (".cvd", ".cld", ".cud", ".ndb", ".hdb", ".hsb", ".mdb", ".msb", ".ldb",
                        ".idb", ".cdb", ".fp", ".sfp", ".ign", ".ign2", ".pdb", ".gdb", ".wdb",
                        ".yar", ".yara", ".cbc", ".ftm", ".info", ".crb", ".cat")
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The outcome of scanning one message.
-
-    ``signature`` is the detection name for ``infected`` and for limit-based ``unchecked``
-    verdicts; ``detail`` says in words why a verdict is ``unchecked`` or ``error``.
-    """
-
-    verdict: str
-    signature: str | None = None
-    detail: str | None = None
-    fingerprint: str | None = None
-    duration_ms: int = 0
-
-    @property
-    def is_final(self) -> bool:
-        """True when clamd gave a definite answer (clean or infected) that may be cached."""
-        return self.verdict in (CLEAN, INFECTED)
+# One scan reply: "<prefix>: OK", "<prefix>: <Name> FOUND", "<prefix>: <reason> ERROR", and
+# (INSTREAM over StreamMaxLength, no prefix) "INSTREAM size limit exceeded. ERROR".
+_REPLY_RE: Final = re.compile(
+    r"(?:(?P<prefix>stream|fd\[\d+\]): (?:(?P<ok>OK)|(?P<name>[^\s:]+) FOUND"
+    r"|(?P<reason>[^\n]+) ERROR)|(?P<limit>INSTREAM size limit exceeded)\. ERROR)")
 
 
 class ClamdError(Exception):
     """clamd could not be reached or gave no usable answer."""
 
 
-def parse_reply(reply: str) -> Verdict:
-    """Map one clamd scan reply (``stream: OK``, ``fd[5]: Name FOUND``...) to a Verdict."""
-    text = reply.strip("\0\r\n ")
-    head, _, status = text.rpartition(" ")
-    if status == "OK" or text.endswith(": OK"):
-        return Verdict(CLEAN)
-    if status == "FOUND":
-        name = head.rsplit(": ", 1)[-1]
+def parse_reply(reply: str, prefix: str | None = None) -> ScanResult:
+    """Map one clamd scan reply (``stream: OK``, ``fd[5]: Name FOUND``...) to a result.
+
+    ``prefix``: the prefix the command produces (``stream`` for INSTREAM; None accepts
+    ``stream`` or ``fd[N]``).  A reply that is not exactly one of the three forms is an
+    error, never clean.
+    """
+    text = reply
+    m = _REPLY_RE.fullmatch(text)
+    if m is None or (prefix is not None and m.group("prefix") not in (prefix, None)):
+        shown = text[:200].encode("unicode_escape").decode("ascii")
+        return ScanResult(Verdict.ERROR, detail=f"unexpected reply from clamd: {shown!r}")
+    if m.group("ok"):
+        return ScanResult(Verdict.CLEAN)
+    name = m.group("name")
+    if name is not None:
         if name.startswith(_LIMITS_PREFIX):
-            return Verdict(UNCHECKED, signature=name, detail=f"clamd limit exceeded ({name})")
-        return Verdict(INFECTED, signature=name)
-    if status == "ERROR":
-        reason = head.rsplit(": ", 1)[-1].rstrip(".")
-        if "size limit exceeded" in reason:
-            return Verdict(UNCHECKED, detail=f"clamd: {reason} (StreamMaxLength)")
-        return Verdict(ERROR, detail=f"clamd: {reason}")
-    return Verdict(ERROR, detail=f"unexpected reply from clamd: {text[:200]!r}")
+            return ScanResult(Verdict.UNCHECKED, signature=name,
+                              detail=f"clamd limit exceeded ({name})")
+        return ScanResult(Verdict.INFECTED, signature=name)
+    if m.group("limit"):
+        return ScanResult(Verdict.UNCHECKED,
+                          detail="clamd: INSTREAM size limit exceeded (StreamMaxLength)")
+    reason = m.group("reason").rstrip(".")
+    if "size limit exceeded" in reason:
+        return ScanResult(Verdict.UNCHECKED, detail=f"clamd: {reason} (StreamMaxLength)")
+    return ScanResult(Verdict.ERROR, detail=f"clamd: {reason}")
 
 
-class ClamdScanner:
+class ClamdClient:
     """Scans content with clamd.  Safe to share between threads.
 
-    ``timeout`` bounds one whole scan (connect, send, reply).  ``max_size`` makes larger
-    content *unchecked* without sending it.
+    ``timeout`` bounds one whole scan (connect, send, reply) as an absolute deadline: a
+    clamd that trickles its reply byte by byte gets no more time than one that says
+    nothing.  ``max_size`` makes larger content *unchecked* without sending it.
     """
 
     def __init__(self, config: ClamdConfig, max_size: int | None = None) -> None:
@@ -115,28 +108,33 @@ class ClamdScanner:
     def _connect(self, deadline: float) -> socket.socket:
         try:
             client = self._client()
+            client.timeout = _remaining(deadline)
             client._init_socket()
         except OSError as exc:  # pyclamd.ConnectionError is an OSError
             raise ClamdError(f"cannot connect to clamd at {self.config.endpoint}: {exc}") from None
         sock: socket.socket = client.clamd_socket
         client.clamd_socket = None  # the socket is ours now; pyclamd must not reuse it
-        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        sock.settimeout(_remaining(deadline))
         return sock
 
     @staticmethod
     def _read_reply(sock: socket.socket, deadline: float) -> str:
+        """One NUL-terminated reply.  Raises ClamdError if the connection ends before the
+        terminator (a truncated reply is no reply), TimeoutError at the deadline."""
         data = bytearray()
-        while b"\0" not in data:
-            sock.settimeout(max(0.05, deadline - time.monotonic()))
+        while True:
+            end = data.find(b"\0")
+            if end >= 0:
+                return bytes(data[:end]).decode("utf-8", "replace")
+            sock.settimeout(_remaining(deadline))
             part = sock.recv(4096)
             if not part:
-                break
+                if data:
+                    raise ClamdError("clamd's reply ended without its terminator")
+                raise ClamdError("clamd closed the connection without a reply")
             data += part
             if len(data) > _MAX_REPLY:
                 raise ClamdError("reply from clamd too long")
-        if not data:
-            raise ClamdError("clamd closed the connection without a reply")
-        return data.split(b"\0", 1)[0].decode("utf-8", "replace")
 
     def _command(self, command: str, timeout: float | None = None) -> str:
         deadline = time.monotonic() + (timeout or self.config.timeout)
@@ -183,51 +181,59 @@ class ClamdScanner:
 
     # --- scanning --------------------------------------------------------------------
 
-    def scan_stream(self, stream: BinaryIO, size: int | None = None) -> Verdict:
-        """Scan content read from ``stream`` (INSTREAM), in chunks: never whole in memory."""
+    def _too_large(self, size: int | None) -> ScanResult | None:
         if self.max_size is not None and size is not None and size > self.max_size:
-            return Verdict(UNCHECKED, detail=f"{size} bytes is over max_size "
-                                             f"({self.max_size}); not scanned")
-        started = time.monotonic()
-        verdict = self._instream(stream, started + self.config.timeout)
-        return replace(verdict, duration_ms=int((time.monotonic() - started) * 1000))
+            return ScanResult(Verdict.UNCHECKED, detail=f"{size} bytes is over max_size "
+                                                        f"({self.max_size}); not scanned")
+        return None
 
-    def scan_fd(self, fd: int, size: int | None = None) -> Verdict:
+    def scan_stream(self, stream: BinaryIO, size: int | None = None) -> ScanResult:
+        """Scan content read from ``stream`` (INSTREAM), in chunks: never whole in memory."""
+        too_large = self._too_large(size)
+        if too_large is not None:
+            return too_large
+        started = time.monotonic()
+        result = self._guarded(self._instream, stream, started + self.config.timeout)
+        return replace(result, duration_ms=int((time.monotonic() - started) * 1000))
+
+    def scan_fd(self, fd: int, size: int | None = None) -> ScanResult:
         """Scan an open file by passing its descriptor (FILDES; Unix socket only).
 
         clamd reads the file itself, so this is the fastest way for plain files; it falls
         back to streaming over TCP.
         """
-        if self.max_size is not None and size is not None and size > self.max_size:
-            return Verdict(UNCHECKED, detail=f"{size} bytes is over max_size "
-                                             f"({self.max_size}); not scanned")
+        too_large = self._too_large(size)
+        if too_large is not None:
+            return too_large
         if self.config.address:
             os.lseek(fd, 0, os.SEEK_SET)
             with os.fdopen(os.dup(fd), "rb", buffering=0) as stream:
                 return self.scan_stream(stream)  # type: ignore[arg-type]
         started = time.monotonic()
-        deadline = started + self.config.timeout
-        try:
-            sock = self._connect(deadline)
-            with sock:
-                sock.sendall(b"zFILDES\0")
-                sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                        array.array("i", [fd]))])
-                verdict = parse_reply(self._read_reply(sock, deadline))
-        except ClamdError as exc:
-            verdict = Verdict(ERROR, detail=str(exc))
-        except TimeoutError:
-            verdict = Verdict(ERROR, detail=f"clamd timed out after {self.config.timeout:g}s")
-        except OSError as exc:
-            verdict = Verdict(ERROR, detail=f"clamd connection failed: {exc}")
-        return replace(verdict, duration_ms=int((time.monotonic() - started) * 1000))
+        result = self._guarded(self._fildes, fd, started + self.config.timeout)
+        return replace(result, duration_ms=int((time.monotonic() - started) * 1000))
 
-    def _instream(self, stream: BinaryIO, deadline: float) -> Verdict:
+    def _guarded(self, scan, content, deadline: float) -> ScanResult:  # type: ignore[no-untyped-def]
+        """Run one scan exchange; every failure becomes an ``error`` result."""
         try:
-            sock = self._connect(deadline)
+            return scan(content, deadline)
         except ClamdError as exc:
-            return Verdict(ERROR, detail=str(exc))
-        with sock:
+            return ScanResult(Verdict.ERROR, detail=str(exc))
+        except TimeoutError:
+            return ScanResult(Verdict.ERROR,
+                              detail=f"clamd timed out after {self.config.timeout:g}s")
+        except OSError as exc:
+            return ScanResult(Verdict.ERROR, detail=f"clamd connection failed: {exc}")
+
+    def _fildes(self, fd: int, deadline: float) -> ScanResult:
+        with self._connect(deadline) as sock:
+            sock.sendall(b"zFILDES\0")
+            sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                    array.array("i", [fd]))])
+            return parse_reply(self._read_reply(sock, deadline))
+
+    def _instream(self, stream: BinaryIO, deadline: float) -> ScanResult:
+        with self._connect(deadline) as sock:
             try:
                 sock.sendall(b"zINSTREAM\0")
                 buf = bytearray(CHUNK_SIZE)
@@ -236,7 +242,7 @@ class ClamdScanner:
                     n = _readinto(stream, buf)
                     if not n:
                         break
-                    sock.settimeout(max(0.05, deadline - time.monotonic()))
+                    sock.settimeout(_remaining(deadline))
                     sock.sendall(struct.pack("!L", n))
                     sock.sendall(view[:n])
                 sock.sendall(b"\0\0\0\0")
@@ -244,20 +250,22 @@ class ClamdScanner:
                 # clamd stops reading when the stream passes StreamMaxLength; its reply
                 # ("INSTREAM size limit exceeded. ERROR") is usually still readable.
                 try:
-                    return parse_reply(self._read_reply(sock, deadline))
+                    return parse_reply(self._read_reply(sock, deadline), "stream")
                 except (OSError, ClamdError):
-                    return Verdict(ERROR, detail="clamd closed the connection while the "
-                                                 "message was being sent")
-            except TimeoutError:
-                return Verdict(ERROR, detail=f"clamd timed out after {self.config.timeout:g}s")
-            except OSError as exc:
-                return Verdict(ERROR, detail=f"clamd connection failed: {exc}")
+                    return ScanResult(Verdict.ERROR, detail="clamd closed the connection "
+                                                            "while the message was being sent")
             try:
-                return parse_reply(self._read_reply(sock, deadline))
-            except TimeoutError:
-                return Verdict(ERROR, detail=f"clamd timed out after {self.config.timeout:g}s")
-            except (OSError, ClamdError) as exc:
-                return Verdict(ERROR, detail=f"no reply from clamd: {exc}")
+                return parse_reply(self._read_reply(sock, deadline), "stream")
+            except ClamdError as exc:
+                return ScanResult(Verdict.ERROR, detail=f"no reply from clamd: {exc}")
+
+
+def _remaining(deadline: float) -> float:
+    """Seconds left before ``deadline``; TimeoutError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    return left
 
 
 def _readinto(stream: BinaryIO, buf: bytearray) -> int:

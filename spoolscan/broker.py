@@ -1,0 +1,216 @@
+"""The privileged operations, in one place: everything that lists, watches, opens, moves
+or deletes mail files, and everything that runs postsuper.
+
+Sources never touch a mailbox, the hold queue or Postfix's commands themselves; they ask
+a broker.  Each operation takes and returns plain data (paths and names as given by the
+configuration or found in a listing, device and inode numbers, open file descriptors), so
+that the broker can live in another process: the privileged half of a privilege-separated
+``spoolscan run`` (see ``docs/security.md``).  ``Broker`` here does the work in the
+calling process, on the safe file layer (``spoolscan.fsutil``, ``spoolscan.mailbox``,
+``spoolscan.postfix.queuedir``).
+
+Watching: the broker makes the inotify instances and adds the watches (on directories it
+opened safely, through ``/proc/self/fd``, never by a path a user could swap); the caller
+only reads events from the descriptor it gets back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from inotify_simple import INotify
+
+from spoolscan import fsutil
+from spoolscan.fsutil import OpenFile, UnsafeFile
+from spoolscan.mailbox import Location, Mailbox
+from spoolscan.postfix import commands
+from spoolscan.postfix.queuedir import HoldEntry, HoldQueue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FolderListing:
+    folder: str  # "" for the root
+    entries: list[tuple[str, str, str]] = field(default_factory=list)  # (sub, name, kind)
+
+
+@dataclass
+class MailboxListing:
+    root: str
+    uid: int
+    key: tuple[int, int]  # device and inode of the root: a mailbox made again is new
+    folders: list[FolderListing] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # why a folder was not listed
+
+
+class Broker:
+    """The privileged operations, carried out in this process."""
+
+    def __init__(self) -> None:
+        self._watchers: dict[int, INotify] = {}
+
+    def close(self) -> None:
+        for inotify in self._watchers.values():
+            inotify.close()
+        self._watchers.clear()
+
+    # --- Maildir mailboxes ---------------------------------------------------------------
+
+    def mailbox_roots(self, patterns: Sequence[str]) -> tuple[list[str], list[str]]:
+        """(Maildir roots matching the glob ``patterns``, reasons for matches refused).
+
+        Each match is opened safely: a root reached through a symlink a user can change,
+        or that is not a Maildir, is not a root.
+        """
+        roots: dict[str, None] = {}
+        refused: list[str] = []
+        for pattern in patterns:
+            for match in sorted(glob.glob(os.path.abspath(pattern))):
+                path = os.path.normpath(match)
+                if path in roots:
+                    continue
+                try:
+                    Mailbox.open(path).close()
+                except UnsafeFile as exc:
+                    refused.append(str(exc))
+                    continue
+                except OSError:
+                    continue  # vanished, or not a directory
+                roots[path] = None
+        return sorted(roots), refused
+
+    def mailbox_listing(self, root: str, include_quarantine: bool = False) -> MailboxListing:
+        """Every entry of new/ and cur/ of every folder of the mailbox ``root``."""
+        with Mailbox.open(root) as box:
+            listing = MailboxListing(root, box.uid, box.key())
+            for folder in box.folders(include_quarantine):
+                found = FolderListing(folder)
+                try:
+                    found.entries = [(sub, e.name, e.kind) for sub, e in box.entries(folder)]
+                except UnsafeFile as exc:
+                    listing.refused.append(str(exc))
+                    continue
+                except OSError as exc:
+                    listing.refused.append(f"{root}/{folder}: cannot list: {exc.strerror}")
+                    continue
+                listing.folders.append(found)
+            return listing
+
+    def mailbox_open(self, loc: Location) -> OpenFile:
+        """Open a message for reading (regular file of the mailbox owner only)."""
+        with Mailbox.open(loc.root) as box:
+            return box.open_message(loc)
+
+    def mailbox_kind(self, loc: Location) -> str | None:
+        """What is at ``loc``: "file", "symlink", "dir", "other", or None (nothing)."""
+        with Mailbox.open(loc.root) as box, box.subdir(loc.folder, loc.subdir) as d:
+            st = d.lstat(loc.name)
+        return None if st is None else fsutil.kind_of(st)
+
+    def mailbox_find(self, root: str, folder: str, unique: str) -> Location | None:
+        with Mailbox.open(root) as box:
+            return box.find(folder, unique)
+
+    def mailbox_quarantine(self, loc: Location, key: tuple[int, int]) -> Location:
+        """Move the scanned message into the mailbox's .Quarantine folder (as the owner)."""
+        with Mailbox.open(loc.root) as box:
+            return box.move_to_quarantine_folder(loc, key)
+
+    def mailbox_remove(self, loc: Location, key: tuple[int, int] | None) -> None:
+        """Delete the scanned message (as the owner)."""
+        with Mailbox.open(loc.root) as box:
+            box.remove(loc, key)
+
+    def mailbox_restore(self, loc: Location, content_fd: int,
+                        times_ns: tuple[int, int] | None = None) -> Location:
+        """Write the content of ``content_fd`` as a new message at ``loc`` (as the owner);
+        FileExistsError if the name is taken."""
+        with Mailbox.open(loc.root) as box, \
+                os.fdopen(os.dup(content_fd), "rb") as content:
+            content.seek(0)
+            return box.restore(loc, content, times_ns)
+
+    def mailbox_move_back(self, loc: Location, folder: str,
+                          key: tuple[int, int] | None) -> Location:
+        """Move a message back from the .Quarantine folder into ``folder`` (as the owner)."""
+        with Mailbox.open(loc.root) as box:
+            return box.move_back(loc, folder, key)
+
+    # --- the Postfix hold queue -------------------------------------------------------------
+
+    def hold_entries(self, queue_dir: str) -> tuple[list[HoldEntry], list[str]]:
+        return HoldQueue(queue_dir).entries()
+
+    def hold_subdirs(self, queue_dir: str) -> list[str]:
+        return HoldQueue(queue_dir).subdirs()
+
+    def hold_stat(self, queue_dir: str, rel: str) -> HoldEntry | None:
+        return HoldQueue(queue_dir).stat(rel)
+
+    def hold_open(self, queue_dir: str, rel: str) -> OpenFile:
+        return HoldQueue(queue_dir).open(rel)
+
+    def hold_find(self, queue_dir: str, queue_id: str) -> list[str]:
+        return HoldQueue(queue_dir).find(queue_id)
+
+    def postsuper_release(self, config_dir: str, ids: Iterable[str]) -> set[str]:
+        return commands.release(config_dir, ids)
+
+    def postsuper_delete(self, config_dir: str, ids: Iterable[str]) -> set[str]:
+        # Only from hold/: a message released meanwhile is not ours to delete.
+        return commands.delete(config_dir, ids, queues=("hold",))
+
+    def wake_qmgr(self, queue_dir: str) -> bool:
+        return commands.wake_qmgr(queue_dir)
+
+    def flush(self, config_dir: str, ids: Sequence[str]) -> None:
+        commands.flush(config_dir, ids)
+
+    # --- watching -------------------------------------------------------------------------
+
+    def watcher(self) -> int:
+        """A new inotify instance; its descriptor, for reading events."""
+        inotify = INotify()
+        fd = inotify.fileno()
+        self._watchers[fd] = inotify
+        return fd
+
+    def close_watcher(self, fd: int) -> None:
+        inotify = self._watchers.pop(fd, None)
+        if inotify is not None:
+            inotify.close()
+
+    def watch_hold(self, fd: int, queue_dir: str, rel: str, mask: int) -> int:
+        """Watch hold/ (``rel`` "") or one of its hash subdirectories."""
+        queue = HoldQueue(queue_dir)
+        with queue.open_dir(rel.split("/") if rel else []) as d:
+            return self._add_watch(fd, d, mask)
+
+    def watch_mailbox(self, fd: int, root: str, folder: str, sub: str | None, mask: int
+                      ) -> int:
+        """Watch a mailbox folder (``sub`` None) or its new/ or cur/."""
+        with Mailbox.open(root) as box:
+            d = box.folder_dir(folder) if sub is None else box.subdir(folder, sub)
+            with d:
+                return self._add_watch(fd, d, mask)
+
+    def unwatch(self, fd: int, wd: int) -> None:
+        inotify = self._watchers.get(fd)
+        if inotify is not None:
+            with contextlib.suppress(OSError):  # already gone with its directory
+                inotify.rm_watch(wd)
+
+    def _add_watch(self, fd: int, d: fsutil.Directory, mask: int) -> int:
+        inotify = self._watchers[fd]
+        proc = Path(f"/proc/self/fd/{d.fd}")
+        # Through the open directory, so the watch is on what was checked; without /proc,
+        # by path (the directory was just checked; a swap now only misplaces a watch).
+        target = str(proc) if proc.parent.is_dir() else d.path
+        return inotify.add_watch(target, mask)

@@ -1,0 +1,311 @@
+"""`spoolscan scan PATH...`: scan files, directories and Maildirs on demand.
+
+Exit status, as clamdscan: 0 everything clean, 1 something infected (or unchecked: clamd
+could not vouch for it), 2 an error occurred (some content could not be scanned).  An
+error wins over a detection: the run did not give a complete answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TextIO
+
+from spoolscan import fsutil
+from spoolscan.broker import Broker
+from spoolscan.config import PolicyConfig, SourceConfig
+from spoolscan.fsutil import UnsafeFile, printable
+from spoolscan.mailbox import QUARANTINE_FOLDER, SUBDIRS, Location, Mailbox
+from spoolscan.model import (
+    Action,
+    ContentUnavailable,
+    Decision,
+    Job,
+    MessageInfo,
+    Opened,
+    Outcome,
+    Prior,
+    ScanResult,
+    State,
+    Trigger,
+    Verdict,
+)
+from spoolscan.policy import decide
+from spoolscan.progress import ProgressBar
+from spoolscan.scan import ScanService, run_jobs
+from spoolscan.store.repo import ScanRecord, Store, utcnow
+
+log = logging.getLogger(__name__)
+
+CLI_SOURCE = "cli"
+EXIT_CLEAN, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+CLEAN, INFECTED, UNCHECKED, ERROR = (Verdict.CLEAN, Verdict.INFECTED, Verdict.UNCHECKED,
+                                     Verdict.ERROR)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A file to scan: its path, and the message it is for a configured source."""
+
+    path: str
+    source: str = CLI_SOURCE
+    identity: str | None = None
+    problem: str | None = None  # could not be reached: reported as an error
+
+
+class Finder:
+    """Files to scan under the paths given: files as given, directories recursively (an
+    explicit stack: no depth limit), Maildirs as mailboxes (new/ and cur/ of every
+    folder, never tmp/ or .Quarantine).  Walked on the safe layer: symlinks a user could
+    change are never followed, only regular files are opened.  A Maildir message of a
+    configured source keeps that source's identity, so that it is not recorded twice."""
+
+    def __init__(self, sources: Sequence[SourceConfig] = (), broker: Broker | None = None
+                 ) -> None:
+        broker = broker or Broker()
+        self.roots: dict[str, str] = {}  # mailbox root → source name
+        for src in sources:
+            if src.type == "maildir":
+                for root in broker.mailbox_roots(src.paths)[0]:
+                    self.roots.setdefault(root, src.name)
+
+    def targets(self, paths: Sequence[str]) -> Iterator[Target]:
+        for raw in paths:
+            path = os.path.normpath(os.path.abspath(raw))
+            parent, name = os.path.split(path)
+            try:
+                with fsutil.open_directory(parent) as d:
+                    st = d.lstat(name) if name else d.st
+            except (OSError, UnsafeFile) as exc:
+                yield Target(path, problem=_why(exc))
+                continue
+            if st is None:
+                yield Target(path, problem="no such file or directory")
+            elif fsutil.kind_of(st) == "file":
+                yield self._target(path)
+            elif fsutil.kind_of(st) == "dir":
+                yield from self._walk(path)
+            elif fsutil.kind_of(st) == "symlink":
+                yield Target(path, problem="a symlink (name the file itself)")
+            else:
+                log.warning("%s: skipped (not a regular file or directory)", printable(path))
+
+    def _target(self, path: str) -> Target:
+        for root, source in self.roots.items():
+            loc = Location.from_path(path, root)
+            if loc is not None:
+                return Target(path, source, loc.identity)
+        return Target(path)
+
+    def _walk(self, top: str) -> Iterator[Target]:
+        stack = [top]
+        while stack:
+            path = stack.pop()
+            try:
+                with fsutil.open_directory(path) as d:
+                    entries = sorted(d.entries(), key=lambda e: e.name, reverse=True)
+            except (OSError, UnsafeFile) as exc:
+                log.error("%s: cannot list: %s", printable(path), _why(exc))
+                continue
+            names = {e.name: e.kind for e in entries}
+            if all(names.get(sub) == "dir" for sub in SUBDIRS):
+                yield from self._mailbox(path)
+                continue
+            for e in entries:
+                child = f"{path.rstrip('/')}/{e.name}"
+                if e.kind == "dir":
+                    stack.append(child)
+                elif e.kind == "file":
+                    yield self._target(child)
+                else:
+                    log.info("%s: skipped (%s)", printable(child),
+                             "symlink" if e.kind == "symlink" else "not a regular file")
+
+    def _mailbox(self, root: str) -> Iterator[Target]:
+        try:
+            with Mailbox.open(root) as box:
+                folders = [f for f in box.folders() if f != QUARANTINE_FOLDER]
+                found = [(f, sub, e) for f in folders for sub, e in box.entries(f)]
+        except (OSError, UnsafeFile) as exc:
+            log.error("%s: cannot list the mailbox: %s", printable(root), _why(exc))
+            return
+        for folder, sub, e in found:
+            loc = Location(root, folder, sub, e.name)
+            if e.kind == "file":
+                yield self._target(loc.path)
+            else:
+                log.info("%s: skipped (%s)", printable(loc.path), e.kind)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+@contextlib.contextmanager
+def open_target(target: Target) -> Iterator[Opened]:
+    """Open a file found by the Finder, on the safe layer (regular files only)."""
+    if target.problem is not None:
+        raise ContentUnavailable(f"{target.path}: {target.problem}")
+    parent, name = os.path.split(target.path)
+    try:
+        with fsutil.open_directory(parent) as d:
+            opened = d.open_file(name)
+    except FileNotFoundError:
+        raise ContentUnavailable(f"{target.path}: no longer exists", gone=True) from None
+    except (OSError, UnsafeFile) as exc:
+        raise ContentUnavailable(f"{target.path}: cannot open: {_why(exc)}") from None
+    with opened, os.fdopen(os.dup(opened.fd), "rb", buffering=0) as stream:
+        yield Opened(stream=stream, fd=opened.fd, size=opened.st.st_size)  # type: ignore[arg-type]
+
+
+def job_for(target: Target, trigger: Trigger = Trigger.MANUAL) -> Job:
+    if target.identity is not None:
+        info = MessageInfo(source=target.source, kind="maildir", identity=target.identity,
+                           location=target.path)
+    else:
+        info = MessageInfo(source=CLI_SOURCE, kind="file", identity=target.path,
+                           location=target.path)
+    return Job(info=info, open=lambda: open_target(target), trigger=trigger)
+
+
+def plan_for(policy: PolicyConfig, now: datetime):  # type: ignore[no-untyped-def]
+    """How a manual scan changes a stored message.  A message of a configured source is
+    decided like the worker would (an infected one is then acted on by the worker's next
+    sweep); a file of no source is simply done, or to be retried."""
+
+    def plan(record: ScanRecord, prior: Prior) -> Decision:
+        result_verdict = Verdict(record.verdict)
+        if record.message.source == CLI_SOURCE:
+            state = State.DONE if result_verdict.definite else State.RETRY
+            return Decision(Action.LEAVE, state, "manual scan")
+        result = ScanResult(result_verdict, record.signature, record.detail)
+        return decide(result, held=False, prior=prior, policy=policy, now=now)
+
+    return plan
+
+
+@dataclass
+class Tally:
+    scanned: int = 0
+    cached: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: {v: 0 for v in
+                                                            (CLEAN, INFECTED, UNCHECKED, ERROR)})
+
+    def add(self, outcome: Outcome) -> None:
+        self.scanned += 1
+        self.cached += outcome.cached
+        self.counts[outcome.result.verdict] += 1
+
+    @property
+    def exit_code(self) -> int:
+        if self.counts[ERROR]:
+            return EXIT_ERROR
+        if self.counts[INFECTED] or self.counts[UNCHECKED]:
+            return EXIT_FOUND
+        return EXIT_CLEAN
+
+
+class _NoTerminal(io.StringIO):
+    """Where the progress bar goes when it must not be drawn (JSON output)."""
+
+    def isatty(self) -> bool:
+        return False
+
+
+def format_line(outcome: Outcome) -> str:
+    r = outcome.result
+    suffix = " (cached)" if outcome.cached else ""
+    if r.verdict == CLEAN:
+        text = "OK"
+    elif r.verdict == INFECTED:
+        text = f"{r.signature} FOUND"
+    elif r.verdict == UNCHECKED:
+        text = f"UNCHECKED ({r.signature or r.detail})"
+    else:
+        text = f"ERROR ({r.detail})"
+    return printable(f"{outcome.info.location}: {text}{suffix}")
+
+
+def format_json(outcome: Outcome) -> str:
+    r = outcome.result
+    return json.dumps({
+        "path": outcome.info.location,
+        "verdict": r.verdict,
+        "signature": r.signature if r.verdict in (INFECTED, UNCHECKED) else None,
+        "sha256": outcome.info.content_hash,
+        "size": outcome.info.size,
+        "duration_ms": r.duration_ms,
+        "cached": outcome.cached,
+        "detail": r.detail,
+    })
+
+
+def scan_paths(service: ScanService, paths: list[str], *, concurrency: int,
+               as_json: bool = False, out: TextIO | None = None,
+               err: TextIO | None = None, trigger: Trigger = Trigger.MANUAL,
+               sources: Sequence[SourceConfig] = (),
+               policy: PolicyConfig | None = None) -> int:
+    """Scan ``paths``, print a line (or JSON object) per message and a summary.
+
+    Returns the exit status.  Verdicts are stored in batches when the service has a store.
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    store: Store | None = service.store
+    finder = Finder(sources)
+    tally = Tally()
+    # On a terminal, count first so that the bar can say how far along it is.
+    total = (sum(1 for _ in finder.targets(paths)) if err.isatty() and not as_json
+             else None)
+    progress = ProgressBar(err if not as_json else _NoTerminal(), total, "scan")
+    pending: list[ScanRecord] = []
+    last_flush = time.monotonic()
+    started = time.monotonic()
+    plan = plan_for(policy or PolicyConfig(), utcnow())
+
+    def flush() -> None:
+        nonlocal last_flush
+        if store is not None and pending:
+            store.record_scans(pending, plan)
+        pending.clear()
+        last_flush = time.monotonic()
+
+    jobs = (job_for(t, trigger) for t in finder.targets(paths))
+    for outcome in run_jobs(service, jobs, concurrency):
+        tally.add(outcome)
+        if out.isatty():  # the bar shares the terminal with the result lines
+            progress.clear()
+        print(format_json(outcome) if as_json else format_line(outcome), file=out, flush=True)
+        progress.update(tally.scanned, f"{tally.counts[INFECTED]} infected, "
+                                       f"{tally.cached} cached")
+        if store is not None and outcome.unavailable is None:
+            r = outcome.result
+            pending.append(ScanRecord(
+                message=outcome.info, verdict=r.verdict, signature=r.signature,
+                detail=r.detail, fingerprint=r.fingerprint, duration_ms=r.duration_ms,
+                trigger=trigger, cached=outcome.cached))
+            if len(pending) >= 500 or time.monotonic() - last_flush > 1.0:
+                flush()
+    flush()
+    progress.clear()
+    elapsed = time.monotonic() - started
+    summary = (
+        f"scanned {tally.scanned} messages ({tally.cached} from cache) in {elapsed:.2f}s: "
+        f"{tally.counts[CLEAN]} clean, {tally.counts[INFECTED]} infected, "
+        f"{tally.counts[UNCHECKED]} unchecked, {tally.counts[ERROR]} errors"
+    )
+    if as_json:
+        print(summary, file=err)
+    else:
+        print(f"----------- SCAN SUMMARY -----------\n{summary}", file=out)
+    return tally.exit_code

@@ -1,0 +1,279 @@
+"""`spoolscan quarantine`: list, show, release, delete and purge quarantined mail.
+
+A message is in quarantine while its latest successful action is ``quarantine``; the
+action row says where it went (``quarantine_path``) and where it came from
+(``original_path``).  Releasing or deleting records a new action, so the history stays in
+the store and ``v_scans`` shows what happened.
+
+Where the quarantined copy is decides how it is reached, always on the safe file layer:
+in the quarantine store (``spoolscan.quarantine.store``) it belongs to spoolscan; in a
+mailbox's ``.Quarantine`` folder it belongs to the mailbox owner, and is read, moved or
+deleted through the broker, as the owner, never by following a path a user could swap.
+
+Release puts a Maildir message back where it was (same folder, same name, so its flags)
+and marks it ``released``: no later scan quarantines it again for the same signature.
+Mail quarantined from the Postfix hold queue is not re-injected by spoolscan yet: the
+command says so and prints where the copy and its envelope are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import text
+
+from spoolscan.broker import Broker
+from spoolscan.config import Config
+from spoolscan.fsutil import OpenFile, UnsafeFile, printable
+from spoolscan.mailbox import QUARANTINE_FOLDER, Location, is_folder_name
+from spoolscan.model import Action, ActionOutcome, State
+from spoolscan.quarantine.store import QuarantineStore
+from spoolscan.store.repo import Store, as_utc, utcnow
+
+_IN_QUARANTINE = """
+SELECT m.id AS id, a.completed_at AS quarantined_at, m.source, m.kind, m.location,
+       m.identity, m.queue_id, m.sender, m.recipients, m.signature, m.content_hash,
+       a.quarantine_path, a.original_path, a.scan_id
+FROM messages m
+JOIN actions a ON a.id = (SELECT max(a2.id) FROM actions a2
+                          WHERE a2.message_id = m.id AND a2.outcome = 'ok')
+WHERE a.action = 'quarantine'
+"""
+_LAST_OK = """
+SELECT a.action, a.completed_at FROM actions a
+WHERE a.message_id = :id AND a.outcome = 'ok' ORDER BY a.id DESC LIMIT 1
+"""
+_HEADER_LIMIT = 64 * 1024
+
+
+class QuarantineError(Exception):
+    """The operation is not possible; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: int
+    quarantined_at: datetime | None
+    source: str
+    kind: str
+    location: str
+    identity: str
+    queue_id: str | None
+    sender: str | None
+    recipients: str | None
+    signature: str | None
+    quarantine_path: str | None
+    original_path: str | None
+    scan_id: int | None
+
+    def as_json(self) -> dict:
+        return {
+            "id": self.id,
+            "quarantined_at": self.quarantined_at.isoformat() if self.quarantined_at else None,
+            "source": self.source, "kind": self.kind, "queue_id": self.queue_id,
+            "sender": self.sender, "recipients": self.recipients,
+            "signature": self.signature, "quarantine_path": self.quarantine_path,
+            "original_path": self.original_path,
+        }
+
+
+def _entry(row: dict) -> Entry:
+    return Entry(id=row["id"], quarantined_at=_timestamp(row["quarantined_at"]),
+                 source=row["source"], kind=row["kind"], location=row["location"],
+                 identity=row["identity"], queue_id=row["queue_id"], sender=row["sender"],
+                 recipients=row["recipients"], signature=row["signature"],
+                 quarantine_path=row["quarantine_path"], original_path=row["original_path"],
+                 scan_id=row["scan_id"])
+
+
+def _timestamp(value: object) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return as_utc(value)
+    return as_utc(datetime.fromisoformat(str(value)))  # SQLite text through text()
+
+
+def entries(store: Store, since: datetime | None = None) -> list[Entry]:
+    """Quarantined messages, newest first."""
+    with store.engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(text(_IN_QUARANTINE)).mappings()]
+    found = [_entry(r) for r in rows]
+    if since is not None:
+        found = [e for e in found if e.quarantined_at and e.quarantined_at >= since]
+    return sorted(found, key=lambda e: e.quarantined_at or datetime.min, reverse=True)
+
+
+def get(store: Store, message_id: int) -> Entry:
+    with store.engine.connect() as conn:
+        row = conn.execute(text(_IN_QUARANTINE + " AND m.id = :id"),
+                           {"id": message_id}).mappings().first()
+        last = None if row else conn.execute(text(_LAST_OK), {"id": message_id}).first()
+    if row is not None:
+        return _entry(dict(row))
+    if last is not None and last.action in (Action.RESTORE, Action.DELETE):
+        what = "released" if last.action == Action.RESTORE else "deleted from quarantine"
+        when = _timestamp(last.completed_at)
+        raise QuarantineError(f"message {message_id} was already {what}"
+                              + (f" on {when:%Y-%m-%d %H:%M} UTC" if when else ""))
+    raise QuarantineError(f"message {message_id} is not in quarantine (see "
+                          "`spoolscan quarantine list`)")
+
+
+# --- where the copy is -----------------------------------------------------------------------
+
+
+class _Copy:
+    """A quarantined copy: in the quarantine store, or in a mailbox's .Quarantine folder."""
+
+    def __init__(self, config: Config, entry: Entry, broker: Broker) -> None:
+        self.entry = entry
+        self.broker = broker
+        self.store = QuarantineStore(config.quarantine.directory)
+        path = entry.quarantine_path or ""
+        self.in_store = self.store.contains(path)
+        self.folder_loc: Location | None = None
+        if not self.in_store:
+            root, sep, rest = path.partition(f"/{QUARANTINE_FOLDER}/")
+            sub, _, name = rest.partition("/")
+            if not sep or not root or "/" in name or not name:
+                raise QuarantineError(f"message {entry.id}: the store does not say where its "
+                                      f"quarantined copy is ({printable(path)!r})")
+            self.folder_loc = Location(root, QUARANTINE_FOLDER, sub, name)
+
+    def gone(self) -> QuarantineError:
+        return QuarantineError(f"message {self.entry.id}: the quarantined copy "
+                               f"{printable(self.entry.quarantine_path or '')} no longer "
+                               "exists (purged or deleted)")
+
+    def open(self) -> OpenFile:
+        try:
+            if self.in_store:
+                return self.store.open(self.entry.quarantine_path or "")
+            assert self.folder_loc is not None
+            return self.broker.mailbox_open(self.folder_loc)
+        except FileNotFoundError:
+            raise self.gone() from None
+        except UnsafeFile as exc:
+            raise QuarantineError(f"message {self.entry.id}: {exc}") from None
+
+    def remove(self) -> None:
+        if self.in_store:
+            self.store.remove(self.entry.quarantine_path or "")
+            return
+        assert self.folder_loc is not None
+        with contextlib.suppress(FileNotFoundError):
+            self.broker.mailbox_remove(self.folder_loc, None)
+
+
+def _original(entry: Entry, copy: _Copy) -> Location:
+    """Where a quarantined Maildir message came from (root, folder, subdir, name)."""
+    meta = copy.store.meta(entry.quarantine_path or "") if copy.in_store else {}
+    if all(isinstance(meta.get(k), str) for k in ("root", "folder", "subdir", "name")):
+        return Location(str(meta["root"]), str(meta["folder"]), str(meta["subdir"]),
+                        str(meta["name"]))
+    folder_path = entry.identity.rpartition("/")[0]
+    head, _, last = folder_path.rpartition("/")
+    root = head if is_folder_name(last) else folder_path
+    loc = Location.from_path(entry.original_path or "", root)
+    if loc is None:
+        raise QuarantineError(f"message {entry.id}: the store does not say where it came "
+                              "from")
+    return loc
+
+
+# --- the commands ---------------------------------------------------------------------------
+
+
+def headers(config: Config, entry: Entry, broker: Broker | None = None) -> str:
+    """The header section of the quarantined message (for `show`), made safe to print."""
+    if not entry.quarantine_path:
+        return ""
+    copy = _Copy(config, entry, broker or Broker())
+    with copy.open() as opened:
+        head = os.pread(opened.fd, _HEADER_LIMIT, 0)
+    end = head.find(b"\n\n")
+    if end < 0:
+        end = head.find(b"\r\n\r\n")
+    text_ = head[: end if end >= 0 else len(head)].decode("utf-8", "surrogateescape")
+    return "\n".join(printable(line.rstrip("\r")) for line in text_.split("\n"))
+
+
+def who() -> str:
+    """The login name of the admin running the command (behind sudo, the real one)."""
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+def release(store: Store, config: Config, entry: Entry, broker: Broker | None = None,
+            dry_run: bool = False) -> str:
+    """Put a Maildir message back where it was; returns its path.  The message is then
+    ``released``: no later scan quarantines it again for the same signature."""
+    broker = broker or Broker()
+    if entry.kind != "maildir":
+        meta_path = (entry.quarantine_path or "").rpartition("/")[0] + "/meta.json"
+        raise QuarantineError(
+            f"message {entry.id} came from the Postfix hold queue; spoolscan cannot "
+            f"re-inject it yet (it would be held and quarantined again). The copy is "
+            f"{printable(entry.quarantine_path or '?')}, its envelope {printable(meta_path)}")
+    copy = _Copy(config, entry, broker)
+    target = _original(entry, copy)
+    if dry_run:
+        return target.path
+    try:
+        if copy.in_store:
+            with copy.open() as opened:
+                released = broker.mailbox_restore(
+                    target, opened.fd, (opened.st.st_atime_ns, opened.st.st_mtime_ns))
+        else:
+            assert copy.folder_loc is not None
+            released = broker.mailbox_move_back(copy.folder_loc, target.folder, None)
+    except FileExistsError:
+        raise QuarantineError(f"message {entry.id}: {printable(target.path)} exists; not "
+                              "overwriting it") from None
+    except FileNotFoundError:
+        raise QuarantineError(f"message {entry.id}: the folder of {printable(target.path)} "
+                              "no longer exists, or the copy is gone") from None
+    except UnsafeFile as exc:
+        raise QuarantineError(f"message {entry.id}: {exc}") from None
+    store.record_action(entry.id, entry.scan_id, Action.RESTORE, ActionOutcome.OK,
+                        f"released from quarantine by {who()}", state=State.RELEASED,
+                        original_path=entry.quarantine_path, location=released.path)
+    if copy.in_store:
+        copy.remove()
+    return released.path
+
+
+def delete(store: Store, config: Config, entry: Entry, broker: Broker | None = None) -> None:
+    """Delete the quarantined copy for good."""
+    if entry.quarantine_path:
+        with contextlib.suppress(QuarantineError):
+            _Copy(config, entry, broker or Broker()).remove()
+    store.record_action(entry.id, entry.scan_id, Action.DELETE, ActionOutcome.OK,
+                        f"deleted from quarantine by {who()}", state=State.DONE,
+                        quarantine_path=entry.quarantine_path)
+
+
+def purge(store: Store, config: Config, older_than_days: int,
+          broker: Broker | None = None) -> int:
+    """Delete quarantined copies older than ``older_than_days``; returns how many."""
+    broker = broker or Broker()
+    cutoff = utcnow().timestamp() - older_than_days * 86400
+    old = [e for e in entries(store)
+           if e.quarantined_at and e.quarantined_at.timestamp() < cutoff]
+    for entry in old:
+        delete(store, config, entry, broker)
+    return len(old)
+
+
+def format_entry(entry: Entry) -> str:
+    when = entry.quarantined_at.strftime("%Y-%m-%d %H:%M") if entry.quarantined_at else "?"
+    who_ = entry.queue_id or entry.location.rpartition("/")[2]
+    return printable(f"{entry.id:>7}  {when}  {entry.source:10.10}  "
+                     f"{entry.signature or '':36.36}  {who_}")
+
+
+def dump(entry: Entry) -> str:
+    return json.dumps(entry.as_json())

@@ -1,0 +1,525 @@
+"""Maildir mailboxes: watch them, sweep them, quarantine or delete infected mail.
+
+*Mailboxes.*  Every directory matching the source's ``paths`` globs that is a Maildir is
+a mailbox root; the globs are read again at every sweep, so mailboxes made later are
+picked up.  Messages are the regular files in ``new/`` and ``cur/`` of the root and of its
+Maildir++ folders (``.Name``); ``tmp/``, dot-files and the ``.Quarantine`` folder are never
+scanned.  Symlinks are never followed, other non-regular files never opened: they are
+reported once and left alone.  Everything is done through the broker on the safe file
+layer (``spoolscan.mailbox``): reads with root's rights but never outside the mailbox,
+changes with the mailbox owner's identity.
+
+*Watching.*  One inotify instance for the source (made by the broker, which adds every
+watch on a directory it opened safely): each mailbox root and folder (for folders made
+later), and each folder's ``new/`` and ``cur/``.  A message arrives by rename (Dovecot,
+possibly straight into ``cur/`` with ``:2,FLAGS``: ``IN_MOVED_TO``) or by link (Postfix
+``local``/``virtual``: ``IN_CREATE``).  A rename within its folder (``new/X`` →
+``cur/X:2,S``, flag changes) is paired by its cookie and ignored: same message.  When
+events are lost (the kernel queue overflowed) or a folder appears, the mailboxes are
+swept.
+
+*Identity.*  ``<folder path>/<unique part>``: stable across Dovecot's renames.  A job or an
+action whose file was renamed meanwhile finds it again by its unique part.
+
+*Quarantine* (``quarantine``).  ``quarantine = "store"`` (the default): the scanned file
+(same device and inode as scanned, checked) is copied into the admin's quarantine store,
+then removed from the mailbox as its owner.  ``"folder"``: it is moved into the mailbox's
+``.Quarantine`` Maildir++ folder (made if missing, with the root's mode) under the same
+name, so with its flags, as the owner.  Either way a file that is not the scanned one is
+not touched, and the message is scanned again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from inotify_simple import flags as inflags
+
+from spoolscan.broker import Broker, MailboxListing
+from spoolscan.config import Config, SourceConfig
+from spoolscan.fsutil import UnsafeFile, printable
+from spoolscan.mailbox import QUARANTINE_FOLDER, SUBDIRS, Location, is_folder_name, unique_part
+from spoolscan.model import (
+    ActionOutcome,
+    ContentUnavailable,
+    Job,
+    MessageInfo,
+    Opened,
+    Pending,
+    State,
+    Trigger,
+)
+from spoolscan.sources.base import EventReader, Sighting, Source, Submit, done, failed, missing
+from spoolscan.store.repo import ActionRecord, Store
+
+log = logging.getLogger(__name__)
+
+KIND = "maildir"
+_MESSAGE_MASK = inflags.CREATE | inflags.MOVED_TO | inflags.MOVED_FROM
+_FOLDER_MASK = inflags.CREATE | inflags.MOVED_TO | inflags.ONLYDIR
+_RENAMED_AGAIN = 3  # how often a message may be renamed under our feet before we give up
+_COOKIES_KEPT = 1000  # unpaired MOVED_FROM events remembered (the pair may span reads)
+
+
+@dataclass
+class MaildirItem:
+    """A job's payload: where the message is, and the device and inode of the file that
+    was scanned (set when it is opened)."""
+
+    loc: Location
+    key: tuple[int, int] | None = None
+
+
+@dataclass
+class _RootWatch:
+    key: tuple[int, int]
+    wds: dict[tuple[str, str | None], int] = field(default_factory=dict)  # (folder, sub)
+
+
+class MaildirSource(Source):
+    """Maildir mailboxes.  See the module docstring."""
+
+    kind = KIND
+    held = False
+    gone_reason = "no longer in the mailbox"
+
+    def __init__(self, src: SourceConfig, config: Config, store: Store, broker: Broker
+                 ) -> None:
+        super().__init__(src, config, store, broker)
+        self._stop = threading.Event()
+        self._rescan = threading.Event()  # events were lost: sweep everything
+        self._rescan_roots: set[str] = set()  # a folder appeared there: sweep that mailbox
+        self._thread: threading.Thread | None = None
+        self._watch_fd: int | None = None
+        self._watch_lock = threading.Lock()
+        self._roots: dict[str, _RootWatch] = {}
+        self._wd: dict[int, tuple[str, str, str | None]] = {}  # wd → (root, folder, sub)
+        self._known_roots: list[str] = []
+        self._moved_from: dict[int, tuple[str, str, str]] = {}
+
+    # --- mailboxes ------------------------------------------------------------------------
+
+    def roots(self) -> list[str]:
+        """The mailbox roots matching the globs now (refusals reported once)."""
+        roots, refused = self.broker.mailbox_roots(self.src.paths)
+        for reason in refused:
+            self.reporter.once(f"root:{reason}", f"{self.name}: {reason}")
+        self._known_roots = roots
+        return roots
+
+    def _root_of(self, path: str) -> str | None:
+        for root in sorted(self._known_roots or self.roots(), key=len, reverse=True):
+            if path.startswith(root + "/"):
+                return root
+        return None
+
+    def _listing(self, root: str) -> MailboxListing | None:
+        try:
+            listing = self.broker.mailbox_listing(root)
+        except UnsafeFile as exc:
+            self.stats["refused"] += 1
+            self.reporter.once(f"root:{exc}", f"{self.name}: mailbox refused: {exc}")
+            return None
+        except OSError as exc:
+            log.warning("%s: %s: cannot list the mailbox: %s", self.name, printable(root),
+                        exc.strerror or exc)
+            return None
+        for reason in listing.refused:
+            self.stats["refused"] += 1
+            self.reporter.once(f"folder:{reason}", f"{self.name}: folder refused: {reason}")
+        return listing
+
+    # --- hooks: finding messages --------------------------------------------------------------
+
+    def sightings(self) -> Iterator[Sighting]:
+        roots = self.roots()
+        self._forget_vanished_roots(roots)
+        for root in roots:
+            yield from self._mailbox_sightings(root)
+
+    def _mailbox_sightings(self, root: str) -> Iterator[Sighting]:
+        listing = self._listing(root)
+        if listing is None:
+            return
+        self._sync_watches(listing)
+        for folder in listing.folders:
+            for sub, name, kind in folder.entries:
+                loc = Location(root, folder.folder, sub, name)
+                if kind != "file":
+                    self._skip(loc, kind)
+                    continue
+                yield Sighting(loc.identity, loc)
+
+    def _skip(self, loc: Location, kind: str) -> None:
+        self.stats["skipped"] += 1
+        what = {"symlink": "a symlink", "dir": "a directory"}.get(kind, "not a regular file")
+        self.reporter.once(f"skip:{loc.path}", f"{self.name}: {loc.path}: skipped ({what}; "
+                                                "never followed or opened)")
+
+    def locate(self, row: dict) -> Sighting | None:
+        folder_path, _, unique = row["identity"].rpartition("/")
+        root = self._root_of(folder_path + "/")
+        if root is None:
+            return None
+        folder = folder_path[len(root) + 1:] if folder_path != root else ""
+        if folder and not is_folder_name(folder):
+            return None
+        try:
+            loc = self.broker.mailbox_find(root, folder, unique)
+        except (OSError, UnsafeFile):
+            return None
+        return None if loc is None else Sighting(loc.identity, loc)
+
+    def job(self, sighting: Sighting, trigger: Trigger = Trigger.ARRIVAL) -> Job:
+        loc: Location = sighting.data
+        info = MessageInfo(source=self.name, kind=KIND, identity=loc.identity,
+                           location=loc.path)
+        item = MaildirItem(loc)
+        job = Job(info=info, open=lambda: self._open(job), trigger=trigger, payload=item)
+        return job
+
+    @contextlib.contextmanager
+    def _open(self, job: Job) -> Iterator[Opened]:
+        """Open a job's file; if it was renamed meanwhile (``new/X`` → ``cur/X:2,S``), find
+        it again by its unique part.  Records the file scanned and where it is."""
+        item: MaildirItem = job.payload
+        opened = None
+        for _ in range(_RENAMED_AGAIN):
+            try:
+                opened = self.broker.mailbox_open(item.loc)
+                break
+            except FileNotFoundError:
+                found = self._find(item.loc)
+                if found is None or found == item.loc:
+                    raise ContentUnavailable(f"{item.loc.path}: no longer exists",
+                                             gone=True) from None
+                item.loc = found
+            except (UnsafeFile, OSError) as exc:
+                raise ContentUnavailable(f"{printable(str(exc))}") from None
+        if opened is None:
+            raise ContentUnavailable(f"{item.loc.path}: renamed again and again")
+        with opened:
+            item.key = opened.key
+            if job.info.location != item.loc.path:
+                job.info = replace(job.info, location=item.loc.path)
+            with os.fdopen(os.dup(opened.fd), "rb", buffering=0) as stream:
+                yield Opened(stream=stream, fd=opened.fd,  # type: ignore[arg-type]
+                             size=opened.st.st_size)
+
+    def _find(self, loc: Location) -> Location | None:
+        try:
+            return self.broker.mailbox_find(loc.root, loc.folder, loc.unique)
+        except (OSError, UnsafeFile):
+            return None
+
+    # --- watching -----------------------------------------------------------------------------
+
+    def start(self, submit: Submit) -> None:
+        """Watch every mailbox; submit a job for each message that arrives."""
+        self._stop.clear()
+        self.handed.clear()
+        try:
+            self._watch_fd = self.broker.watcher()
+        except OSError as exc:
+            log.error("%s: cannot watch the mailboxes (%s): new mail is found by the sweeps "
+                      "only, every %gs", self.name, exc, self.src.sweep_interval)
+            self._watch_fd = None
+        roots = self.roots()
+        for root in roots:
+            listing = self._listing(root)
+            if listing is not None:
+                self._sync_watches(listing)
+        self._thread = threading.Thread(target=self._watch_loop, args=(submit,),
+                                        name=f"watch-{self.name}", daemon=True)
+        self._thread.start()
+        log.info("%s: watching %d of %d mailbox(es) matching %s", self.name,
+                 len(self._roots), len(roots), ", ".join(self.src.paths))
+
+    def stop(self) -> None:
+        """Stop watching.  Arrivals not yet turned into jobs are found by the next sweep."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        with self._watch_lock:
+            if self._watch_fd is not None:
+                self.broker.close_watcher(self._watch_fd)
+                self._watch_fd = None
+            self._roots.clear()
+            self._wd.clear()
+
+    def watched(self) -> list[str]:
+        """The mailbox roots being watched now."""
+        with self._watch_lock:
+            return sorted(self._roots)
+
+    def _forget_vanished_roots(self, roots: list[str]) -> None:
+        with self._watch_lock:
+            for root in set(self._roots) - set(roots):
+                self._unwatch_root(root)
+
+    def _unwatch_root(self, root: str) -> None:
+        watch = self._roots.pop(root)
+        for wd in watch.wds.values():
+            self._wd.pop(wd, None)
+            if self._watch_fd is not None:
+                self.broker.unwatch(self._watch_fd, wd)
+
+    def _sync_watches(self, listing: MailboxListing) -> None:
+        """Watch what the listing shows and is not watched yet (a root made again is a
+        new root)."""
+        with self._watch_lock:
+            if self._watch_fd is None:
+                return
+            root = listing.root
+            watch = self._roots.get(root)
+            if watch is not None and watch.key != listing.key:
+                self._unwatch_root(root)
+                watch = None
+            if watch is None:
+                watch = self._roots[root] = _RootWatch(listing.key)
+            wanted: list[tuple[str, str | None]] = [("", None)]
+            for found in listing.folders:
+                wanted += [(found.folder, None), *((found.folder, s) for s in SUBDIRS)]
+            for folder, sub in dict.fromkeys(wanted):
+                if (folder, sub) in watch.wds:
+                    continue
+                mask = _FOLDER_MASK if sub is None else _MESSAGE_MASK
+                try:
+                    wd = self.broker.watch_mailbox(self._watch_fd, root, folder, sub, mask)
+                except (OSError, UnsafeFile) as exc:
+                    hint = ""
+                    if getattr(exc, "errno", None) == errno.ENOSPC:
+                        hint = " (raise the sysctl fs.inotify.max_user_watches)"
+                    self.reporter.once(f"watch:{root}/{folder}/{sub}",
+                                       f"{self.name}: cannot watch {root}/{folder} {sub or ''}:"
+                                       f" {exc}{hint}; covered by the sweeps only, every "
+                                       f"{self.src.sweep_interval:g}s")
+                    continue
+                watch.wds[(folder, sub)] = wd
+                self._wd[wd] = (root, folder, sub)
+
+    def _watch_loop(self, submit: Submit) -> None:
+        fd = self._watch_fd
+        reader = EventReader(fd) if fd is not None else None
+        while not self._stop.is_set():
+            if self._rescan.is_set():
+                self._rescan.clear()
+                try:
+                    for job in self.sweep():
+                        if self._stop.is_set():
+                            break
+                        submit(job)
+                except Exception:
+                    log.exception("%s: sweep after lost events failed", self.name)
+                continue
+            with self._watch_lock:
+                roots, self._rescan_roots = self._rescan_roots, set()
+            for root in sorted(roots):
+                try:
+                    self._sweep_mailbox(root, submit)
+                except Exception:
+                    log.exception("%s: %s: sweep after a new folder failed", self.name,
+                                  printable(root))
+            if reader is None:
+                self._stop.wait(0.5)
+                continue
+            try:
+                events = reader.read(200)
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                log.error("%s: inotify read failed: %s", self.name, exc)
+                self._stop.wait(1.0)
+                continue
+            try:
+                for loc in self._arrivals(events):
+                    self._arrived(loc, submit)
+            except Exception:
+                log.exception("%s: new mail not looked at now (the next sweep will)",
+                              self.name)
+
+    def _arrivals(self, events: list) -> list[Location]:  # type: ignore[type-arg]
+        """The messages that arrived according to one read of events (renames within a
+        folder paired by cookie and left out)."""
+        moved_from = self._moved_from  # cookie → (root, folder, unique), across reads
+        found: dict[Location, None] = {}
+        for event in events:
+            if event.mask & inflags.Q_OVERFLOW:
+                self._lost("the inotify event queue overflowed")
+                continue
+            if event.mask & inflags.IGNORED:
+                with self._watch_lock:
+                    self._wd.pop(event.wd, None)
+                continue
+            with self._watch_lock:
+                target = self._wd.get(event.wd)
+            if target is None or not event.name:
+                continue
+            root, folder, sub = target
+            if sub is None:  # a folder (or its new/, cur/) appeared: watch it, sweep it
+                if event.mask & inflags.ISDIR and (
+                        folder or (is_folder_name(event.name)
+                                   and event.name != QUARANTINE_FOLDER)):
+                    with self._watch_lock:
+                        self._rescan_roots.add(root)
+                continue
+            if event.mask & inflags.ISDIR or event.name.startswith("."):
+                continue
+            if event.mask & inflags.MOVED_FROM:
+                moved_from[event.cookie] = (root, folder, unique_part(event.name))
+                while len(moved_from) > _COOKIES_KEPT:
+                    moved_from.pop(next(iter(moved_from)))
+                continue
+            before = moved_from.pop(event.cookie, None) if event.cookie else None
+            if before == (root, folder, unique_part(event.name)):
+                continue  # the same message, renamed in its folder (seen, flags)
+            found[Location(root, folder, sub, event.name)] = None
+        return list(found)
+
+    def _sweep_mailbox(self, root: str, submit: Submit) -> None:
+        """Watch and sweep one mailbox (a folder appeared in it: messages may have landed
+        before its watches were in place)."""
+        batch = list(self._mailbox_sightings(root))
+        for job in self._due(batch):
+            if self._stop.is_set():
+                return
+            submit(job)
+
+    def _lost(self, why: str) -> None:
+        self.stats["events_lost"] += 1
+        if not self._rescan.is_set():
+            log.warning("%s: %s; sweeping all mailboxes", self.name, why)
+            self._rescan.set()
+
+    def _arrived(self, loc: Location, submit: Submit) -> None:
+        try:
+            kind = self.broker.mailbox_kind(loc)
+        except (OSError, UnsafeFile):
+            return  # the folder itself is refused or gone: the sweep reports it
+        if kind is None:
+            found = self._find(loc)  # renamed already (new/X → cur/X:2,S)
+            if found is None:
+                return
+            loc = found
+            kind = "file"
+        if kind != "file":
+            self._skip(loc, kind)
+            return
+        if not self.handed.claim(loc.identity, None):
+            return
+        self.stats["arrived"] += 1
+        submit(self.job(Sighting(loc.identity, loc)))
+
+    # --- acting ---------------------------------------------------------------------------------
+
+    def quarantine_target(self, pending: Pending) -> str | None:
+        if self.src.quarantine == "folder":
+            return None  # the name in .Quarantine is known once the file is moved
+        return super().quarantine_target(pending)
+
+    def release(self, items: list[Pending]) -> list[ActionRecord]:
+        return [failed(p, "release is not possible in a mailbox", state=State.STUCK)
+                for p in items]
+
+    def quarantine(self, items: list[Pending]) -> list[ActionRecord]:
+        return [self._act_one(p, self._quarantine_one) for p in items]
+
+    def delete(self, items: list[Pending]) -> list[ActionRecord]:
+        return [self._act_one(p, self._delete_one) for p in items]
+
+    def _act_one(self, p: Pending, operation) -> ActionRecord:  # type: ignore[no-untyped-def]
+        item: MaildirItem = p.outcome.job.payload
+        original = item.loc.path
+        try:
+            for _ in range(_RENAMED_AGAIN):
+                try:
+                    return operation(p, item)
+                except FileNotFoundError:
+                    found = self._find(item.loc)
+                    if found is None or found == item.loc:
+                        return missing(p, f"{printable(item.loc.path)}: no longer exists",
+                                       original_path=original)
+                    item.loc = found
+            return missing(p, f"{printable(original)}: keeps being renamed",
+                           original_path=original)
+        except (UnsafeFile, ContentUnavailable) as exc:
+            return failed(p, printable(str(exc)), original_path=original)
+        except OSError as exc:
+            detail = f"{printable(exc.filename or original)}: {exc.strerror or exc}"
+            return failed(p, detail, original_path=original)
+
+    def _quarantine_one(self, p: Pending, item: MaildirItem) -> ActionRecord:
+        if item.key is None:
+            raise ContentUnavailable(f"{item.loc.path}: was never opened; not touched")
+        if self.src.quarantine == "folder":
+            moved = self.broker.mailbox_quarantine(item.loc, item.key)
+            return done(p, quarantine_path=moved.path, original_path=item.loc.path,
+                        location=moved.path)
+        assert p.target is not None
+        opened = self.broker.mailbox_open(item.loc)
+        with opened:
+            if opened.key != item.key:
+                raise UnsafeFile(f"{item.loc.path}: replaced since it was scanned; not "
+                                 "touched (it will be scanned again)")
+            meta = {
+                "message_id": p.message_id, "scan_id": p.scan_id, "source": self.name,
+                "kind": KIND, "root": item.loc.root, "folder": item.loc.folder,
+                "subdir": item.loc.subdir, "name": item.loc.name,
+                "owner": opened.st.st_uid, "mtime_ns": opened.st.st_mtime_ns,
+                "signature": p.outcome.result.signature,
+                "verdict": p.outcome.result.verdict,
+                "content_sha256": p.outcome.info.content_hash,
+                "quarantined_at": datetime.now(UTC).isoformat(),
+            }
+            with os.fdopen(os.dup(opened.fd), "rb") as stream:
+                self.quarantine_store.put(p.target, stream, meta,
+                                          times_ns=(opened.st.st_atime_ns,
+                                                    opened.st.st_mtime_ns))
+        try:
+            self.broker.mailbox_remove(item.loc, item.key)
+        except BaseException:
+            # Not removed from the mailbox: this copy is not a quarantine (the next
+            # attempt makes its own).
+            self.quarantine_store.remove(p.target)
+            raise
+        return done(p, quarantine_path=p.target, original_path=item.loc.path,
+                    location=p.target)
+
+    def _delete_one(self, p: Pending, item: MaildirItem) -> ActionRecord:
+        if item.key is None:
+            raise ContentUnavailable(f"{item.loc.path}: was never opened; not touched")
+        self.broker.mailbox_remove(item.loc, item.key)
+        return done(p, original_path=item.loc.path)
+
+    def completed(self, row: dict, intent: dict) -> ActionRecord | None:
+        ids = (row["id"], intent["scan_id"])
+        if intent["action"] == "delete":
+            return ActionRecord(*ids, "delete", ActionOutcome.OK, "done before an "
+                                "interruption", state=State.DONE,
+                                original_path=row["location"])
+        if intent["action"] != "quarantine":
+            return None
+        where = intent["quarantine_path"]
+        if where and not self.quarantine_store.exists(where):
+            where = None
+        if where is None:  # folder mode: look in the mailbox's .Quarantine
+            folder_path, _, unique = row["identity"].rpartition("/")
+            root = self._root_of(folder_path + "/")
+            if root is not None:
+                found = None
+                with contextlib.suppress(OSError, UnsafeFile):
+                    found = self.broker.mailbox_find(root, QUARANTINE_FOLDER, unique)
+                where = found.path if found else None
+        if where is None:
+            return None
+        return ActionRecord(*ids, "quarantine", ActionOutcome.OK, "moved before an "
+                            "interruption", state=State.DONE, quarantine_path=where,
+                            original_path=row["location"], location=where)
