@@ -21,25 +21,57 @@ log = logging.getLogger("spoolscan")
 EXIT_OK, EXIT_FOUND, EXIT_ERROR, EXIT_USAGE = 0, 1, 2, 64
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
+class _SafeFormatter(logging.Formatter):
+    """One line per message: control characters and undecodable bytes that came from
+    mail or from file names are escaped (spoolscan.text), so they cannot forge log lines;
+    a secret (the database password) never appears."""
+
+    def __init__(self, *args: object, secret: str | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.secret = secret
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging API)
+        from spoolscan.text import printable
+
+        safe = logging.makeLogRecord(record.__dict__)
+        safe.message = printable(record.message)
+        return self._scrub(super().formatMessage(safe))
+
+    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]  # noqa: N802
+        return self._scrub(super().formatException(ei))
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self.secret, "***") if self.secret else text
+
+
+def _setup_logging(verbose: int, quiet: bool, secret: str | None = None) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s spoolscan[%(process)d]: %(levelname)s %(message)s",
-                        datefmt="%b %d %H:%M:%S", force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_SafeFormatter("%(asctime)s spoolscan[%(process)d]: %(levelname)s "
+                                        "%(message)s", datefmt="%b %d %H:%M:%S",
+                                        secret=secret))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     if not verbose:
         logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _open_store(config: Config, auto_create: bool = True):  # type: ignore[no-untyped-def]
     """Open the configured store; an empty SQLite database is migrated on first use."""
-    from spoolscan.store.db import StoreError, create_engine_for, schema_status, upgrade
+    from spoolscan.store.db import (
+        StoreError,
+        create_engine_for,
+        redact_url,
+        schema_status,
+        upgrade,
+    )
     from spoolscan.store.repo import Store
 
     engine = create_engine_for(config.database.url)
     try:
         current, head = schema_status(engine)
     except Exception as exc:
-        raise StoreError(f"cannot open the database ({config.database.url}): {exc}") from exc
+        raise StoreError(f"cannot open the database ({redact_url(config.database.url)}): "
+                         f"{exc}") from exc
     if current is None and auto_create and engine.dialect.name == "sqlite":
         log.info("creating the database schema in %s", engine.url.database)
         upgrade(engine)
@@ -188,9 +220,9 @@ def cmd_quarantine(args: argparse.Namespace, config: Config) -> int:
     from datetime import timedelta
 
     from spoolscan.config import parse_duration
-    from spoolscan.fsutil import printable
     from spoolscan.quarantine import commands as q
     from spoolscan.store.repo import utcnow
+    from spoolscan.text import printable
 
     store = _open_store(config, auto_create=False)
     try:
@@ -217,7 +249,7 @@ def cmd_quarantine(args: argparse.Namespace, config: Config) -> int:
                         print(q.dump(entry))
                     else:
                         for key, value in entry.as_json().items():
-                            print(f"{key:16} {value}")
+                            print(printable(f"{key:16} {value}"))
                         print("\n" + q.headers(config, entry) + "\n")
                 elif args.q_command == "release":
                     where = q.release(store, config, entry)
@@ -385,25 +417,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"spoolscan: configuration error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    from spoolscan.store.db import StoreError
+        return _fail(f"configuration error: {exc}")
+    from spoolscan.store.db import StoreError, url_password
 
+    secret = url_password(config.database.url)
+    _setup_logging(args.verbose, args.quiet, secret)
     try:
         return int(args.func(args, config))
     except StoreError as exc:
-        print(f"spoolscan: database error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(f"database error: {exc}", secret)
     except ConfigError as exc:
-        print(f"spoolscan: configuration error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(f"configuration error: {exc}", secret)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
         # Never exit 1 ("found something") because of a failure; -v shows the traceback.
         log.debug("unexpected error", exc_info=True)
-        print(f"spoolscan: error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(f"error: {exc.__class__.__name__}: {exc}", secret)
+
+
+def _fail(message: str, secret: str | None = None) -> int:
+    """Print an error (one safe line, no secret) and return the error exit status."""
+    from spoolscan.text import printable
+
+    if secret:
+        message = message.replace(secret, "***")
+    print(f"spoolscan: {printable(message)}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ class SourceConfig:
     type: str
     config_directory: str = "/etc/postfix"  # postfix-hold
     paths: tuple[str, ...] = ()  # maildir: globs of Maildir roots
-    quarantine: str = "folder"  # maildir: folder | store
+    quarantine: str = "store"  # maildir: store (the admin-only store) | folder (.Quarantine)
     sweep_interval: float = 30.0  # seconds between full sweeps (missed events, backlog)
 
 
@@ -303,7 +303,7 @@ def parse_config(data: Mapping[str, Any], where: str = "built-in defaults") -> C
             config_directory=s.get("config_directory", SourceConfig.config_directory, _string,
                                    "a directory path"),
             paths=s.get("paths", (), _string_list, "a list of paths or globs"),
-            quarantine=s.choice("quarantine", "folder", MAILDIR_QUARANTINE_MODES),
+            quarantine=s.choice("quarantine", "store", MAILDIR_QUARANTINE_MODES),
             sweep_interval=s.get("sweep_interval", SourceConfig.sweep_interval, parse_duration,
                                  "a duration such as '30s'"),
         )

@@ -6,8 +6,8 @@ the ``clamav-testfiles`` samples, uses the system clamd if it answers (else star
 private one with a small built signature database), then:
 
 1. ``spoolscan scan`` over the mailboxes (what is in there, exit status like clamdscan);
-2. ``spoolscan run --once`` with a Maildir source: infected mail moves to each
-   mailbox's ``.Quarantine`` folder, every verdict and action is stored in SQLite;
+2. ``spoolscan run --once`` with a Maildir source: infected mail moves to the quarantine
+   store, every verdict and action is stored in SQLite;
 3. prints what the store now says (the ``v_scans`` view).
 
 Run ``python -m spoolscan.demo --forever`` to keep the worker running (Ctrl-C stops it).
@@ -95,7 +95,7 @@ local_domains = ["example.org"]
 name = "mailboxes"
 type = "maildir"
 paths = ["{root}/vmail/*/Maildir"]
-quarantine = "folder"
+quarantine = "store"
 sweep_interval = "30s"
 """)
     return config
@@ -161,11 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         code = spoolscan(["--config", str(config), "run", "--once"])
         print(f"(exit status {code}, {time.monotonic() - started:.1f}s)")
         print_store(root, before)
-        quarantined = sorted(str(p.relative_to(root)) for p in
-                             (root / "vmail").glob("*/Maildir/.Quarantine/*/*"))
-        print(f"\nin quarantine folders: {len(quarantined)}")
-        for path in quarantined:
-            print(f"  {path}")
+        print("\n$ spoolscan quarantine list")
+        spoolscan(["--config", str(config), "quarantine", "list"])
         print(f"\nThe store is {root / 'spoolscan.db'}; try:\n"
               f"  sqlite3 {root / 'spoolscan.db'} \"SELECT * FROM v_scans\"\n"
               f"  .venv/bin/spoolscan --config {config} run      # keep watching")

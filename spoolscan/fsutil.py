@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Final
 
+from spoolscan.text import printable
+
 O_DIR: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_PATH: Final = getattr(os, "O_PATH", 0)
 _RENAME_NOREPLACE: Final = 1
@@ -60,25 +62,6 @@ def check_name(name: str) -> str:
     if not raw or raw in (b".", b"..") or b"/" in raw or b"\0" in raw or len(raw) > 255:
         raise UnsafeFile(f"{printable(name)!r} is not a valid file name")
     return name
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters and undecodable bytes escaped (one line, safe
-    for logs and terminals)."""
-    if text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte (surrogateescape)
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            out.append(ch.encode("unicode_escape").decode("ascii"))
-    return "".join(out)
 
 
 # --- identity --------------------------------------------------------------------------

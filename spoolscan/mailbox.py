@@ -30,10 +30,17 @@ from typing import BinaryIO, Final
 
 from spoolscan import fsutil
 from spoolscan.fsutil import Directory, OpenFile, UnsafeFile
+from spoolscan.text import printable
 
 SUBDIRS: Final = ("new", "cur")
 QUARANTINE_FOLDER: Final = ".Quarantine"
 _FREE_NAME_TRIES: Final = 100
+
+
+def race_point(where: str, loc: Location) -> None:
+    """Does nothing.  Called between checking a message and changing it (``where``:
+    "move", "remove", "restore"), the moment an attacker would swap something; tests
+    replace it to make such races happen deterministically."""
 
 
 def unique_part(name: str) -> str:
@@ -109,7 +116,9 @@ class Mailbox:
             for sub in SUBDIRS:
                 st = root.lstat(sub)
                 if st is None or not stat.S_ISDIR(st.st_mode):
-                    raise UnsafeFile(f"{fsutil.printable(path)}: not a Maildir (no {sub}/)")
+                    what = (f"{sub}/ is a symlink; never followed"
+                            if st is not None and stat.S_ISLNK(st.st_mode) else f"no {sub}/")
+                    raise UnsafeFile(f"{printable(path)}: not a Maildir ({what})")
         except BaseException:
             root.close()
             raise
@@ -135,12 +144,12 @@ class Mailbox:
             return Directory(os.open(".", fsutil.O_DIR, dir_fd=self.dir.fd), self.path,
                              self.dir.trusted)
         if not is_folder_name(folder):
-            raise UnsafeFile(f"{fsutil.printable(folder)!r} is not a Maildir++ folder name")
+            raise UnsafeFile(f"{printable(folder)!r} is not a Maildir++ folder name")
         return self.dir.open_dir(folder, owners=self.owners)
 
     def subdir(self, folder: str, sub: str) -> Directory:
         if sub not in (*SUBDIRS, "tmp"):
-            raise UnsafeFile(f"{fsutil.printable(sub)!r} is not a Maildir subdirectory")
+            raise UnsafeFile(f"{printable(sub)!r} is not a Maildir subdirectory")
         with self.folder_dir(folder) as d:
             return d.open_dir(sub, owners=self.owners)
 
@@ -217,6 +226,7 @@ class Mailbox:
         """Delete the scanned message (``key``: its device and inode, checked first)."""
         with fsutil.acting_as(self.uid, self.gid), self.subdir(loc.folder, loc.subdir) as d:
             self._check(d, loc, key)
+            race_point("remove", loc)
             d.unlink(loc.name)
             d.fsync()
 
@@ -229,8 +239,8 @@ class Mailbox:
                 self.subdir(loc.folder, "tmp") as tmp, \
                 self.subdir(loc.folder, loc.subdir) as target:
             staged = f"{loc.unique}.spoolscan-restore.{os.urandom(4).hex()}"
-            mode = stat.S_IMODE(self.dir.st.st_mode) & 0o666 or 0o600
-            fsutil.write_new(tmp, staged, content, mode=mode, times_ns=times_ns)
+            fsutil.write_new(tmp, staged, content, mode=0o600, times_ns=times_ns)
+            race_point("restore", loc)
             try:
                 tmp.rename(staged, target, loc.name)
             except BaseException:
@@ -239,10 +249,6 @@ class Mailbox:
                 raise
             target.fsync()
         return loc
-
-    def open_in(self, loc: Location) -> OpenFile:
-        """Open any message of this mailbox for reading (the .Quarantine folder too)."""
-        return self.open_message(loc)
 
     # --- helpers (called with the owner's identity) -----------------------------------------
 
@@ -263,13 +269,13 @@ class Mailbox:
         if st is None:
             raise FileNotFoundError(errno.ENOENT, "no longer there", loc.path)
         if not stat.S_ISREG(st.st_mode):
-            raise UnsafeFile(f"{fsutil.printable(loc.path)}: not a regular file any more; "
+            raise UnsafeFile(f"{printable(loc.path)}: not a regular file any more; "
                              "not touched")
         if st.st_uid != self.uid:
-            raise UnsafeFile(f"{fsutil.printable(loc.path)}: owned by uid {st.st_uid}, not "
+            raise UnsafeFile(f"{printable(loc.path)}: owned by uid {st.st_uid}, not "
                              f"by the mailbox owner; not touched")
         if key is not None and (st.st_dev, st.st_ino) != key:
-            raise UnsafeFile(f"{fsutil.printable(loc.path)}: replaced since it was scanned; "
+            raise UnsafeFile(f"{printable(loc.path)}: replaced since it was scanned; "
                              "not touched (it will be scanned again)")
 
     def _move(self, loc: Location, folder: str, key: tuple[int, int] | None,
@@ -277,6 +283,7 @@ class Mailbox:
         with self.subdir(loc.folder, loc.subdir) as src, \
                 self.subdir(folder, loc.subdir) as dst:
             self._check(src, loc, key)
+            race_point("move", loc)
             name = loc.name
             for attempt in range(_FREE_NAME_TRIES):
                 if attempt:
@@ -301,7 +308,7 @@ class Mailbox:
                 # scanned.  Put it back where the owner left it, untouched.
                 with contextlib.suppress(OSError):
                     dst.rename(name, src, loc.name)
-                raise UnsafeFile(f"{fsutil.printable(loc.path)}: replaced while being moved; "
+                raise UnsafeFile(f"{printable(loc.path)}: replaced while being moved; "
                                  "moved back, not quarantined (it will be scanned again)")
             dst.fsync()
             src.fsync()
@@ -312,7 +319,7 @@ class Mailbox:
         """The folder is on another filesystem: copy the scanned file, then remove it."""
         with src.open_file(loc.name, owner=self.uid) as opened:
             if key is not None and opened.key != key:
-                raise UnsafeFile(f"{fsutil.printable(loc.path)}: replaced since it was "
+                raise UnsafeFile(f"{printable(loc.path)}: replaced since it was "
                                  "scanned; not touched")
             with os.fdopen(os.dup(opened.fd), "rb") as stream:
                 fsutil.write_new(dst, name, stream, mode=stat.S_IMODE(opened.st.st_mode),

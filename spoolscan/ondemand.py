@@ -22,7 +22,7 @@ from typing import TextIO
 from spoolscan import fsutil
 from spoolscan.broker import Broker
 from spoolscan.config import PolicyConfig, SourceConfig
-from spoolscan.fsutil import UnsafeFile, printable
+from spoolscan.fsutil import UnsafeFile
 from spoolscan.mailbox import QUARANTINE_FOLDER, SUBDIRS, Location, Mailbox
 from spoolscan.model import (
     Action,
@@ -42,6 +42,7 @@ from spoolscan.policy import decide
 from spoolscan.progress import ProgressBar
 from spoolscan.scan import ScanService, run_jobs
 from spoolscan.store.repo import ScanRecord, Store, utcnow
+from spoolscan.text import printable
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,11 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from spoolscan.backoff import after_failure
 from spoolscan.clamd import ClamdClient
 from spoolscan.config import Config
-from spoolscan.fsutil import printable
 from spoolscan.model import (
     Action,
     ActionOutcome,
@@ -48,6 +47,7 @@ from spoolscan.policy import decide
 from spoolscan.scan import ScanService
 from spoolscan.sources.base import Source
 from spoolscan.store.repo import ActionRecord, ScanRecord, Store, utcnow
+from spoolscan.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,18 @@ JOB_QUEUE_SIZE = 1000  # jobs waiting for a scanner thread
 OPEN_LIMIT = 256  # jobs scanned but not yet committed and acted on, plus those in scan
 
 
+def is_outage(exc: BaseException) -> bool:
+    """True for a database that cannot be reached or used right now (connection refused
+    or lost, locked): the whole batch waits.  Anything else is a problem with one of the
+    records (bad data), isolated record by record."""
+    return isinstance(exc, OperationalError | InterfaceError) or bool(
+        isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
 def log_failure(logger: logging.Logger, what: str, exc: Exception) -> None:
     """One line for a database outage (mail stays where it is), a traceback otherwise."""
-    if isinstance(exc, DBAPIError):
+    if is_outage(exc):
+        assert isinstance(exc, DBAPIError)
         logger.error("%s: database unavailable; mail stays where it is: %s", what,
                      str(exc.orig).splitlines()[0] if exc.orig else exc)
     else:
@@ -216,17 +225,21 @@ class Worker:
                           prior=prior, policy=self.config.policy, now=now)
 
         try:
-            stored = self.store.record_scans(records, plan)
+            committed = list(zip(scanned, self.store.record_scans(records, plan),
+                                 strict=True))
         except Exception as exc:
             # Invariant: no verdict committed, no action.  The mail stays where it is.
-            self.stats["database_errors"] += len(records)
-            log_failure(log, f"{len(records)} verdict(s) not recorded; they will be "
-                             "scanned again", exc)
-            self._not_recorded(scanned)
-            time.sleep(1.0)
-            return
+            if is_outage(exc):
+                self.stats["database_errors"] += len(records)
+                log_failure(log, f"{len(records)} verdict(s) not recorded; they will be "
+                                 "scanned again", exc)
+                self._not_recorded(scanned)
+                time.sleep(1.0)
+                return
+            # One bad record must not hold back the others: one at a time.
+            committed = self._record_one_by_one(scanned, records, plan, exc)
         pending = []
-        for o, s in zip(scanned, stored, strict=True):
+        for o, s in committed:
             assert s.decision is not None
             pending.append(Pending(o, s.decision, s.message_id, s.scan_id, s.attempts,
                                    s.retroactive))
@@ -246,15 +259,14 @@ class Worker:
             # Write the intent first: if we die while acting, the restart finds a pending
             # action for a message that is no longer where it was, and knows why (and,
             # for a quarantine, where its copy went).
-            try:
-                self.store.record_actions([
-                    ActionRecord(p.message_id, p.scan_id, p.decision.action,
-                                 ActionOutcome.PENDING, p.decision.reason,
-                                 quarantine_path=p.target) for p in acting])
-            except Exception as exc:
-                log_failure(log, f"not acting on {len(acting)} message(s); they stay "
-                                 "where they are", exc)
+            intents = [ActionRecord(p.message_id, p.scan_id, p.decision.action,
+                                    ActionOutcome.PENDING, p.decision.reason,
+                                    quarantine_path=p.target) for p in acting]
+            written = self._record_actions(intents, "intent not recorded, not acted on; "
+                                                    "it stays where it is")
+            if written is None:
                 return
+            acting = [p for p in acting if p.message_id in written]
             try:
                 for record in source.act(acting):
                     results[record.message_id] = record
@@ -288,11 +300,61 @@ class Worker:
                             "compromised",
                             printable(p.outcome.info.queue_id or p.outcome.info.location),
                             printable(p.outcome.info.sender or ""))
+        self._record_actions(records, "done but not recorded; the next sweep reconciles")
+
+    def _record_actions(self, records: list[ActionRecord], failure: str) -> set[int] | None:
+        """Record actions in one transaction; if the store refuses the batch for a reason
+        other than an outage, one by one.  Returns the message ids recorded (None: the
+        database is down)."""
         try:
             self.store.record_actions(records)
+            return {r.message_id for r in records}
         except Exception as exc:
-            log_failure(log, f"{len(records)} action(s) done but not recorded; the next "
-                             "sweep reconciles", exc)
+            if is_outage(exc):
+                log_failure(log, f"{len(records)} action(s): {failure}", exc)
+                return None
+        done: set[int] = set()
+        for r in records:
+            try:
+                self.store.record_actions([r])
+                done.add(r.message_id)
+            except Exception as exc:
+                log.error("message %d: action %s: %s: %s", r.message_id, r.action, failure,
+                          printable(f"{exc.__class__.__name__}: {exc}"[:300]))
+        return done
+
+    def _record_one_by_one(self, outcomes: list[Outcome], records: list[ScanRecord], plan,
+                           first: Exception):  # type: ignore[no-untyped-def]
+        """Commit each record alone after a batch failed for a reason other than an
+        outage; a record that still fails is flagged (``stuck``, with the reason)."""
+        log.warning("a batch of %d verdict(s) was refused (%s); recording them one by one",
+                    len(records), first.__class__.__name__)
+        committed = []
+        for i, (o, r) in enumerate(zip(outcomes, records, strict=True)):
+            try:
+                committed.append((o, self.store.record_scans([r], plan)[0]))
+            except Exception as exc:
+                if is_outage(exc):
+                    log_failure(log, "verdicts not recorded", exc)
+                    self._not_recorded(outcomes[i:])
+                    break
+                self._poisoned(o, exc)
+        return committed
+
+    def _poisoned(self, o: Outcome, exc: Exception) -> None:
+        """A message whose verdict the store refuses: flag it, keep it where it is."""
+        self.stats["unrecordable"] += 1
+        name = printable(o.info.queue_id or o.info.location)
+        reason = f"the store refused its verdict: {exc.__class__.__name__}: " \
+                 f"{str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        log.error("%s: %s; kept where it is, flagged stuck", name, printable(reason))
+        policy = self.config.policy
+        try:
+            self.store.note_failure(
+                o.info, reason,
+                retry=lambda _: after_failure(policy, policy.max_attempts, utcnow()))
+        except Exception:  # not even that: it stays, the log line says why
+            log.debug("cannot flag %s", name, exc_info=True)
 
     def _not_recorded(self, outcomes: list[Outcome]) -> None:
         """Nothing was stored for these: let the next sweep hand them over again."""

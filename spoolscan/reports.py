@@ -85,6 +85,15 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(text: str) -> str:
+    """A CSV cell a spreadsheet will not run: a cell that starts like a formula (a
+    subject "=HYPERLINK(...)", a sender "@SUM(...)") gets a leading apostrophe."""
+    return "'" + text if text.startswith(_FORMULA_PREFIXES) else text
+
+
 def render(columns: Sequence[str], rows: Sequence[tuple], fmt: str, title: str = "") -> str:
     """Format a result as table, csv, json or html."""
     if fmt == "json":
@@ -95,7 +104,7 @@ def render(columns: Sequence[str], rows: Sequence[tuple], fmt: str, title: str =
         out = io.StringIO()
         writer = csv.writer(out)
         writer.writerow(columns)
-        writer.writerows([_cell(v) for v in row] for row in rows)
+        writer.writerows([_csv_cell(_cell(v)) for v in row] for row in rows)
         return out.getvalue()
     if fmt == "html":
         head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)

@@ -106,13 +106,15 @@ def test_stopped_clamd_gives_error(tmp_path):
 
 
 class SilentServer:
-    """A Unix socket that accepts and then answers ``reply`` (or nothing at all)."""
+    """A Unix socket that accepts and then answers ``reply`` (or nothing at all);
+    ``trickle``: one byte at a time, this many seconds apart."""
 
-    def __init__(self, path: Path, reply: bytes | None) -> None:
+    def __init__(self, path: Path, reply: bytes | None, trickle: float = 0.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(path))
         self.sock.listen(16)
         self.reply = reply
+        self.trickle = trickle
         self.conns: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -133,7 +135,17 @@ class SilentServer:
             if not part:  # pyclamd's connection test: connects, closes
                 return
             data += part
-        conn.sendall(self.reply or b"")
+        try:
+            if self.trickle:
+                import time
+
+                for byte in self.reply or b"":
+                    conn.sendall(bytes([byte]))
+                    time.sleep(self.trickle)
+            else:
+                conn.sendall(self.reply or b"")
+        except OSError:
+            pass
         conn.close()
 
     def close(self) -> None:
@@ -246,3 +258,29 @@ def test_fingerprint_changes_with_local_signatures_beside_the_official_ones(tmp_
         assert "/27001/" in before and "/27001/" in after and before != after
     finally:
         instance.stop()
+
+
+@pytest.mark.parametrize("reply", [b"stream: OK", b"stream: OK\n", b"stream: O"])
+def test_a_reply_without_its_terminator_is_not_clean(tmp_path, reply):
+    server = SilentServer(tmp_path / "t.sock", reply)  # closes without the NUL
+    try:
+        client = ClamdClient(ClamdConfig(socket=str(tmp_path / "t.sock"), timeout=2))
+        result = client.scan_stream(io.BytesIO(b"hello"))
+        assert result.verdict == ERROR and "terminator" in result.detail
+    finally:
+        server.close()
+
+
+def test_a_reply_trickled_byte_by_byte_is_cut_at_the_deadline(tmp_path):
+    import time
+
+    server = SilentServer(tmp_path / "d.sock", b"stream: OK\0", trickle=0.25)
+    try:
+        client = ClamdClient(ClamdConfig(socket=str(tmp_path / "d.sock"), timeout=1))
+        started = time.monotonic()
+        result = client.scan_stream(io.BytesIO(b"hello"))
+        elapsed = time.monotonic() - started
+        assert result.verdict == ERROR and "timed out" in result.detail
+        assert elapsed < 1.5  # one deadline for the whole scan, not one per byte
+    finally:
+        server.close()

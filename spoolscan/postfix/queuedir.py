@@ -20,6 +20,7 @@ from typing import Final
 
 from spoolscan import fsutil
 from spoolscan.fsutil import Directory, OpenFile, UnsafeFile
+from spoolscan.text import printable
 
 _MAX_DEPTH: Final = 4  # hash_queue_depth is 1 by default; Postfix allows a few more
 _HASH_DIR: Final = re.compile(r"[0-9A-Za-z]")
@@ -51,7 +52,7 @@ def split_rel(rel: str) -> tuple[list[str], str]:
     *dirs, name = parts
     if (len(dirs) > _MAX_DEPTH or not all(_HASH_DIR.fullmatch(d) for d in dirs)
             or not _QUEUE_ID.fullmatch(name)):
-        raise UnsafeFile(f"{fsutil.printable(rel)!r} is not a file name of the hold queue")
+        raise UnsafeFile(f"{printable(rel)!r} is not a file name of the hold queue")
     return dirs, name
 
 

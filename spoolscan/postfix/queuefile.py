@@ -361,9 +361,19 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+#: Digits in a numeric field.  Postfix writes ``%15ld``; 19 digits hold any 63-bit value.
+MAX_DIGITS = 19
+#: The largest time a queue file may carry (9999-12-31), so that it converts to a date.
+MAX_TIME = 253_402_300_799
+
+
 def _ints(data: bytes) -> list[int] | None:
+    """The whitespace-separated decimal fields of ``data``; None unless every field is
+    1 to ``MAX_DIGITS`` ASCII digits (so conversion cannot fail or take long)."""
     fields = data.split()
-    if not fields or not all(f.isdigit() for f in fields):
+    if not fields or len(fields) > 16:
+        return None
+    if not all(0 < len(f) <= MAX_DIGITS and f.isdigit() for f in fields):
         return None
     return [int(f) for f in fields]
 
@@ -387,7 +397,8 @@ def _parse_size(cur: _Cursor, header: _Header, parts: _EnvelopeParts) -> None:
 def _parse_time(cur: _Cursor, header: _Header) -> float:
     """``T``/``c``: ``"%ld %ld"`` (seconds, microseconds); old files have seconds only."""
     values = _ints(_read_meta(cur, header))
-    if values is None or len(values) > 2 or (len(values) == 2 and values[1] >= 1_000_000):
+    if (values is None or len(values) > 2 or values[0] > MAX_TIME
+            or (len(values) == 2 and values[1] >= 1_000_000)):
         raise cur.error(
             f"malformed time record (type {_type_repr(header.rtype)}) at offset {header.offset}"
         )
@@ -403,8 +414,10 @@ def _parse_attr(cur: _Cursor, header: _Header, parts: _EnvelopeParts) -> None:
         return
     value = value.strip()
     parts.attributes[name] = value
-    if name == "create_time" and value.isdigit():
-        parts.create_time = float(value)
+    if name == "create_time":
+        seconds = _ints(value.encode("utf-8", "surrogateescape"))
+        if seconds is not None and len(seconds) == 1 and seconds[0] <= MAX_TIME:
+            parts.create_time = float(seconds[0])
 
 
 def _apply_meta_record(cur: _Cursor, header: _Header, parts: _EnvelopeParts) -> None:
@@ -693,6 +706,10 @@ class ContentStream(io.RawIOBase):
             except QueueFileError as exc:
                 self._error = exc
                 raise
+            except (ValueError, OverflowError, IndexError, RecursionError) as exc:
+                self._error = QueueFileError(f"{self._label}: unreadable content "
+                                             f"({exc.__class__.__name__})")
+                raise self._error from None
             self._pending = memoryview(chunk)
         target = memoryview(buffer).cast("B")
         count = min(len(target), len(self._pending))
@@ -828,6 +845,11 @@ class QueueFile:
             _check_file(st, label)
             if envelope is None:
                 envelope = _parse(fd, st.st_size, label, path.name, check_content)
+        except (ValueError, OverflowError, IndexError, RecursionError) as exc:
+            # A reader bug on some hostile file must still be this file's error only.
+            os.close(fd)
+            raise QueueFileError(f"{label}: unreadable ({exc.__class__.__name__}: "
+                                 f"{str(exc)[:200]})") from None
         except BaseException:
             os.close(fd)
             raise

@@ -29,11 +29,12 @@ from sqlalchemy import text
 
 from spoolscan.broker import Broker
 from spoolscan.config import Config
-from spoolscan.fsutil import OpenFile, UnsafeFile, printable
+from spoolscan.fsutil import OpenFile, UnsafeFile
 from spoolscan.mailbox import QUARANTINE_FOLDER, Location, is_folder_name
 from spoolscan.model import Action, ActionOutcome, State
 from spoolscan.quarantine.store import QuarantineStore
 from spoolscan.store.repo import Store, as_utc, utcnow
+from spoolscan.text import escape, printable, unescape
 
 _IN_QUARANTINE = """
 SELECT m.id AS id, a.completed_at AS quarantined_at, m.source, m.kind, m.location,
@@ -72,23 +73,26 @@ class Entry:
     scan_id: int | None
 
     def as_json(self) -> dict:
+        """For output: texts escaped by the storage rule (valid JSON, lossless)."""
         return {
             "id": self.id,
             "quarantined_at": self.quarantined_at.isoformat() if self.quarantined_at else None,
             "source": self.source, "kind": self.kind, "queue_id": self.queue_id,
-            "sender": self.sender, "recipients": self.recipients,
-            "signature": self.signature, "quarantine_path": self.quarantine_path,
-            "original_path": self.original_path,
+            "sender": escape(self.sender), "recipients": escape(self.recipients),
+            "signature": self.signature, "quarantine_path": escape(self.quarantine_path),
+            "original_path": escape(self.original_path),
         }
 
 
 def _entry(row: dict) -> Entry:
+    # Texts come back escaped (spoolscan.text): names and paths as the exact bytes again.
     return Entry(id=row["id"], quarantined_at=_timestamp(row["quarantined_at"]),
-                 source=row["source"], kind=row["kind"], location=row["location"],
-                 identity=row["identity"], queue_id=row["queue_id"], sender=row["sender"],
-                 recipients=row["recipients"], signature=row["signature"],
-                 quarantine_path=row["quarantine_path"], original_path=row["original_path"],
-                 scan_id=row["scan_id"])
+                 source=row["source"], kind=row["kind"], location=unescape(row["location"]),
+                 identity=unescape(row["identity"]), queue_id=row["queue_id"],
+                 sender=unescape(row["sender"]), recipients=unescape(row["recipients"]),
+                 signature=row["signature"],
+                 quarantine_path=unescape(row["quarantine_path"]),
+                 original_path=unescape(row["original_path"]), scan_id=row["scan_id"])
 
 
 def _timestamp(value: object) -> datetime | None:

@@ -32,6 +32,7 @@ from typing import BinaryIO, Final
 
 from spoolscan import fsutil
 from spoolscan.fsutil import Directory, OpenFile, UnsafeFile
+from spoolscan.text import printable
 
 MESSAGE: Final = "message.eml"
 META: Final = "meta.json"
@@ -67,7 +68,7 @@ class QuarantineStore:
     def _parts(self, path: str) -> tuple[str, str]:
         parts = self._relative(path)
         if parts is None:
-            raise UnsafeFile(f"{fsutil.printable(path)} is not a message of the quarantine "
+            raise UnsafeFile(f"{printable(path)} is not a message of the quarantine "
                              f"store {self.directory}")
         return parts
 
@@ -122,9 +123,15 @@ class QuarantineStore:
             if existing is not None and stat.S_ISREG(existing.st_mode):
                 return existing.st_size
             body = json.dumps(meta, indent=2, sort_keys=True, default=str).encode()
-            if d.lstat(META) is None:
-                fsutil.write_new(d, META, io.BytesIO(body))
-            return fsutil.write_new(d, MESSAGE, content, times_ns=times_ns)
+            try:
+                if d.lstat(META) is None:
+                    fsutil.write_new(d, META, io.BytesIO(body))
+                return fsutil.write_new(d, MESSAGE, content, times_ns=times_ns)
+            except BaseException:
+                # Nothing of a failed attempt stays (ENOSPC...): the next one starts clean.
+                with contextlib.suppress(OSError):
+                    self.remove(path)
+                raise
 
     # --- reading and removing --------------------------------------------------------------
 

@@ -32,13 +32,14 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from inotify_simple import Event, parse_events
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from spoolscan.broker import Broker
 from spoolscan.config import Config, SourceConfig
-from spoolscan.fsutil import printable
 from spoolscan.model import Action, ActionOutcome, Job, Pending, State, Trigger
 from spoolscan.quarantine.store import QuarantineStore
 from spoolscan.store.repo import ActionRecord, Store, as_utc, utcnow
+from spoolscan.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -257,12 +258,37 @@ class Source(ABC):
     def _due(self, batch: Sequence[Sighting]) -> Iterator[Job]:
         if not batch:
             return
-        rows = self.store.messages_by_identity(self.name, [s.identity for s in batch])
+        rows = self._lookup(batch)
         now = utcnow()
         for sighting in batch:
             row = rows.get(sighting.identity)
             if needs_work(row, now) and self.handed.claim(sighting.identity, row):
                 yield self.job(sighting)
+
+    def _lookup(self, batch: Sequence[Sighting]) -> dict[str, dict]:
+        """Stored rows of a batch; if the store refuses the batch for a reason other than
+        an outage (which the sweep's caller reports), one sighting at a time, skipping
+        (and reporting) one that cannot be looked up."""
+        try:
+            return self.store.messages_by_identity(self.name, [s.identity for s in batch])
+        except (OperationalError, InterfaceError):
+            raise
+        except Exception as first:
+            log.warning("%s: a batch of %d lookups failed (%s); one at a time", self.name,
+                        len(batch), first.__class__.__name__)
+        rows: dict[str, dict] = {}
+        for s in batch:
+            try:
+                rows.update(self.store.messages_by_identity(self.name, [s.identity]))
+            except (OperationalError, InterfaceError):
+                raise
+            except Exception as exc:
+                self.reporter.once(f"lookup:{s.identity}",
+                                   f"{self.name}: {s.identity}: cannot be looked up, left "
+                                   f"where it is: {exc.__class__.__name__}: {exc}")
+                rows[s.identity] = {"state": State.STUCK, "next_attempt_at": None,
+                                    "identity": s.identity, "updated_at": None}
+        return rows
 
     def job_for(self, row: dict, trigger: Trigger) -> Job | None:
         """A job to rescan a stored message, or None if it is no longer there."""

@@ -41,7 +41,7 @@ from inotify_simple import flags as inflags
 
 from spoolscan.broker import Broker
 from spoolscan.config import Config, SourceConfig
-from spoolscan.fsutil import UnsafeFile, printable
+from spoolscan.fsutil import UnsafeFile
 from spoolscan.model import (
     ActionOutcome,
     ContentUnavailable,
@@ -65,6 +65,7 @@ from spoolscan.sources.base import (
     missing,
 )
 from spoolscan.store.repo import ActionRecord, Store
+from spoolscan.text import printable
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from inotify_simple import flags as inflags
 
 from spoolscan.broker import Broker, MailboxListing
 from spoolscan.config import Config, SourceConfig
-from spoolscan.fsutil import UnsafeFile, printable
+from spoolscan.fsutil import UnsafeFile
 from spoolscan.mailbox import QUARANTINE_FOLDER, SUBDIRS, Location, is_folder_name, unique_part
 from spoolscan.model import (
     ActionOutcome,
@@ -58,6 +58,7 @@ from spoolscan.model import (
 )
 from spoolscan.sources.base import EventReader, Sighting, Source, Submit, done, failed, missing
 from spoolscan.store.repo import ActionRecord, Store
+from spoolscan.text import printable
 
 log = logging.getLogger(__name__)
 

@@ -67,10 +67,10 @@ class Message(Base):
     kind: Mapped[str] = mapped_column(String(16))  # postfix-hold | maildir | file
     # Stable identity within the source.  Hold queue: host/queue_id/arrival_usec/inode
     # (short queue IDs are reused).  Maildir: mailbox root + unique part of the file name.
-    identity: Mapped[str] = mapped_column(String(1024))
+    identity: Mapped[str] = mapped_column(Text)
     location: Mapped[str] = mapped_column(Text)  # queue ID or current path
-    queue_id: Mapped[str | None] = mapped_column(String(64))
-    host: Mapped[str | None] = mapped_column(String(255))
+    queue_id: Mapped[str | None] = mapped_column(String(255))
+    host: Mapped[str | None] = mapped_column(Text)
     sender: Mapped[str | None] = mapped_column(Text)
     recipients: Mapped[str | None] = mapped_column(Text)  # comma-separated
     nrcpt: Mapped[int | None] = mapped_column(Integer)

@@ -34,6 +34,7 @@ from spoolscan.backoff import Retry
 from spoolscan.model import Decision, MessageInfo, Prior, State, Verdict
 from spoolscan.store.db import check_schema, create_engine_for
 from spoolscan.store.models import Action, Fingerprint, Message, Scan
+from spoolscan.text import escape, unescape
 
 messages = cast(Table, Message.__table__)
 scans = cast(Table, Scan.__table__)
@@ -52,6 +53,17 @@ _NOT_LEFT_HOLD = ~and_(messages.c.kind == "postfix-hold", messages.c.state == DO
 
 _MESSAGE_FIELDS = ("location", "queue_id", "host", "sender", "recipients", "nrcpt",
                    "direction", "size", "content_hash", "arrived_at", "updated_at")
+
+
+def _stored(params: dict[str, object]) -> dict[str, object]:
+    """Parameters as written: every text escaped by the one rule of ``spoolscan.text``
+    (addresses, headers and file names may hold any bytes)."""
+    return {k: escape(v) if isinstance(v, str) else v for k, v in params.items()}
+
+
+def _read(row: Row) -> dict:
+    """A row as a dict, its texts back as the exact names and addresses they were."""
+    return {k: unescape(v) if isinstance(v, str) else v for k, v in row._mapping.items()}
 
 
 def _message_values(info: MessageInfo, now: datetime) -> dict[str, object]:
@@ -277,9 +289,9 @@ class Store:
         # Keep what we knew when a later sighting knows less (e.g. envelope fields).
         keep = {k: func.coalesce(stmt.excluded[k], messages.c[k]) for k in _MESSAGE_FIELDS}
         stmt = stmt.on_conflict_do_update(index_elements=["source", "identity"], set_=keep)
-        params = [{"source": i.source, "kind": i.kind, "identity": i.identity,
-                   "first_seen_at": now, "state": SEEN, "attempts": 0,
-                   **_message_values(i, now)} for i in infos]
+        params = [_stored({"source": i.source, "kind": i.kind, "identity": i.identity,
+                           "first_seen_at": now, "state": SEEN, "attempts": 0,
+                           **_message_values(i, now)}) for i in infos]
         # Match the returned rows by key, not by position: with ON CONFLICT DO UPDATE,
         # PostgreSQL does not give rows back in parameter order when a batch mixes new
         # and existing messages.
@@ -288,7 +300,7 @@ class Store:
                                              messages.c.verdict, messages.c.signature,
                                              messages.c.attempts), params)
         by_key = {(r.source, r.identity): r for r in result}
-        return [by_key[(i.source, i.identity)] for i in infos]
+        return [by_key[(escape(i.source), escape(i.identity))] for i in infos]
 
     def _record_batch(self, conn: Connection, records: Sequence[ScanRecord],
                       plan: Plan | None) -> list[StoredScan]:
@@ -317,17 +329,18 @@ class Store:
                 raise ValueError("a ScanRecord without a state needs a plan")
             stored.append(StoredScan(prev.id, 0, prev.verdict, attempts, retroactive,
                                      decision))
-            scan_params.append({
+            scan_params.append(_stored({
                 "message_id": prev.id, "scanned_at": now, "verdict": r.verdict,
                 "signature": r.signature, "detail": r.detail, "fingerprint": r.fingerprint,
                 "content_hash": r.message.content_hash, "size": r.message.size,
                 "duration_ms": r.duration_ms, "trigger": r.trigger, "cached": r.cached,
                 "previous_verdict": prev.verdict, "retroactive": retroactive,
-            })
-            updates.append({"b_id": prev.id, "b_verdict": r.verdict,
-                            "b_signature": r.signature, "b_state": state,
-                            "b_attempts": attempts, "b_next": next_at,
-                            "b_error": r.detail if failed_scan else None, "b_now": now})
+            }))
+            updates.append(_stored({"b_id": prev.id, "b_verdict": r.verdict,
+                                    "b_signature": r.signature, "b_state": state,
+                                    "b_attempts": attempts, "b_next": next_at,
+                                    "b_error": r.detail if failed_scan else None,
+                                    "b_now": now}))
         # Matched by message (unique within a round), not by position.
         scan_ids = {r.message_id: r.id for r in conn.execute(
             insert(scans).returning(scans.c.id, scans.c.message_id), scan_params)}
@@ -353,13 +366,13 @@ class Store:
             return
         now = utcnow()
         with self.engine.begin() as conn:
-            conn.execute(insert(actions), [{
+            conn.execute(insert(actions), [_stored({
                 "message_id": r.message_id, "scan_id": r.scan_id, "action": r.action,
                 "requested_at": now,
                 "completed_at": now if r.outcome != "pending" else None,
                 "outcome": r.outcome, "detail": r.detail,
                 "quarantine_path": r.quarantine_path, "original_path": r.original_path,
-            } for r in records])
+            }) for r in records])
             failed = bindparam("b_failed", type_=Boolean)
             finished = bindparam("b_finished", type_=Boolean)
             conn.execute(
@@ -379,12 +392,12 @@ class Store:
                                          else_=messages.c.next_attempt_at),
                     last_error=case((failed, bindparam("b_detail")),
                                     else_=messages.c.last_error)),
-                [{"b_id": r.message_id, "b_now": now, "b_state": r.state,
-                  "b_location": r.location,
-                  "b_finished": r.outcome == "ok" and r.state == DONE,
-                  "b_failed": r.outcome == "failed", "b_gone": r.outcome == "gone",
-                  "b_next": r.next_attempt_at,
-                  "b_detail": r.detail} for r in records])
+                [_stored({"b_id": r.message_id, "b_now": now, "b_state": r.state,
+                          "b_location": r.location,
+                          "b_finished": r.outcome == "ok" and r.state == DONE,
+                          "b_failed": r.outcome == "failed", "b_gone": r.outcome == "gone",
+                          "b_next": r.next_attempt_at,
+                          "b_detail": r.detail}) for r in records])
 
     def set_state(self, message_ids: Iterable[int], state: str, detail: str | None = None
                   ) -> None:
@@ -393,7 +406,7 @@ class Store:
             return
         values: dict[str, object] = {"state": state, "updated_at": utcnow()}
         if detail is not None:
-            values["last_error"] = detail
+            values["last_error"] = escape(detail)
         with self.engine.begin() as conn:
             conn.execute(update(messages).where(messages.c.id.in_(ids)).values(**values))
 
@@ -411,7 +424,7 @@ class Store:
                     update(messages).where(messages.c.id == row["id"],
                                            messages.c.state == row["state"],
                                            messages.c.updated_at == row["updated_at"])
-                    .values(state=GONE, last_error=detail, updated_at=now))
+                    .values(state=GONE, last_error=escape(detail), updated_at=now))
                 marked += result.rowcount or 0
         return marked
 
@@ -430,7 +443,7 @@ class Store:
             if row.state in (DONE, RELEASED):
                 return None
             plan = retry(row.attempts) if retry is not None else None
-            values: dict[str, object] = {"last_error": detail, "updated_at": now}
+            values: dict[str, object] = {"last_error": escape(detail), "updated_at": now}
             if plan is None:
                 values["state"] = GONE
             else:
@@ -449,10 +462,11 @@ class Store:
         out: dict[str, dict] = {}
         with self.engine.connect() as conn:
             for i in range(0, len(identities), 500):
-                chunk = identities[i:i + 500]
+                chunk = [escape(x) for x in identities[i:i + 500]]
                 for row in conn.execute(select(messages).where(
                         messages.c.source == source, messages.c.identity.in_(chunk))):
-                    out[row.identity] = dict(row._mapping)
+                    found = _read(row)
+                    out[found["identity"]] = found
         return out
 
     def open_messages(self, source: str) -> list[dict]:
@@ -461,7 +475,7 @@ class Store:
             rows = conn.execute(select(messages).where(
                 messages.c.source == source,
                 messages.c.state.not_in((DONE, GONE, RELEASED))))
-            return [dict(r._mapping) for r in rows]
+            return [_read(r) for r in rows]
 
     def rescan_candidates(self, since: datetime | None, fingerprint: str,
                           source: str | None = None, batch: int = 1000
@@ -479,7 +493,7 @@ class Store:
             conds = [messages.c.id > last_id,
                      *_candidate_conditions(since, fingerprint, source)]
             with self.engine.connect() as conn:
-                rows = [dict(r._mapping) for r in conn.execute(
+                rows = [_read(r) for r in conn.execute(
                     select(messages).where(and_(*conds)).order_by(messages.c.id).limit(batch))]
             if not rows:
                 return
@@ -538,7 +552,7 @@ class Store:
             rows = conn.execute(select(messages).where(
                 messages.c.source == source, messages.c.state == RETRY,
                 or_(messages.c.next_attempt_at.is_(None), messages.c.next_attempt_at <= now)))
-            return [dict(r._mapping) for r in rows]
+            return [_read(r) for r in rows]
 
     def last_actions(self, message_ids: Sequence[int]) -> dict[int, dict]:
         """The latest action row of each message that has one."""
@@ -550,14 +564,14 @@ class Store:
                           .where(actions.c.message_id.in_(chunk))
                           .group_by(actions.c.message_id))
                 for row in conn.execute(select(actions).where(actions.c.id.in_(latest))):
-                    out[row.message_id] = dict(row._mapping)
+                    out[row.message_id] = _read(row)
         return out
 
     def last_action(self, message_id: int) -> dict | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(actions).where(actions.c.message_id == message_id)
                                .order_by(actions.c.id.desc()).limit(1)).first()
-        return dict(row._mapping) if row else None
+        return _read(row) if row else None
 
     def purge(self, older_than: timedelta) -> int:
         """Delete rows (messages, scans, actions) older than ``older_than`` of messages
