@@ -1,5 +1,5 @@
-import sys
+"""``python -m spoolscan``: the spoolscan command."""
 
-from spoolscan.cli import main
+from spoolscan.cli import entry
 
-sys.exit(main())
+entry()

@@ -17,7 +17,6 @@ only reads events from the descriptor it gets back.
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -72,7 +71,7 @@ class Broker:
         roots: dict[str, None] = {}
         refused: list[str] = []
         for pattern in patterns:
-            for match in sorted(glob.glob(os.path.abspath(pattern))):
+            for match in fsutil.glob_dirs(pattern):
                 path = os.path.normpath(match)
                 if path in roots:
                     continue
@@ -143,7 +142,32 @@ class Broker:
         with Mailbox.open(loc.root) as box:
             return box.move_back(loc, folder, key)
 
+    # --- any file (spoolscan scan PATH) ------------------------------------------------------
+
+    def path_kind(self, path: str) -> str | None:
+        """What ``path`` is ("file", "dir", "symlink", "other"), None if nothing; reached
+        by the safe walk (UnsafeFile if a user's symlink is on the way)."""
+        parent, name = os.path.split(os.path.normpath(path))
+        with fsutil.open_directory(parent or "/") as d:
+            st = d.lstat(name) if name else d.st
+        return None if st is None else fsutil.kind_of(st)
+
+    def path_entries(self, path: str) -> list[tuple[str, str]]:
+        """(name, kind) of the entries of the directory ``path``."""
+        with fsutil.open_directory(path) as d:
+            return [(e.name, e.kind) for e in d.entries()]
+
+    def path_open(self, path: str) -> OpenFile:
+        """Open the regular file ``path`` for reading (safe walk, no symlink)."""
+        parent, name = os.path.split(os.path.normpath(path))
+        with fsutil.open_directory(parent or "/") as d:
+            return d.open_file(name)
+
     # --- the Postfix hold queue -------------------------------------------------------------
+
+    def postfix_info(self, config_dir: str) -> tuple[str, str]:
+        """(queue_directory, myhostname) of the Postfix instance in ``config_dir``."""
+        return str(commands.queue_directory(config_dir)), commands.myhostname(config_dir)
 
     def hold_entries(self, queue_dir: str) -> tuple[list[HoldEntry], list[str]]:
         return HoldQueue(queue_dir).entries()

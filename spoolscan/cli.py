@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -88,10 +89,12 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
 
     store = None if args.no_store else _open_store(config)
     client = ClamdClient(config.clamd, max_size=config.policy.max_size)
-    service = ScanService(client=client, store=store, use_cache=not args.no_cache)
+    service = ScanService(client=client, store=store, use_cache=not args.no_cache,
+                          snapshot_dir=config.quarantine.directory)
     try:
         return scan_paths(service, args.paths, concurrency=config.clamd.concurrency,
-                          as_json=args.json, sources=config.sources, policy=config.policy)
+                          as_json=args.json, sources=config.sources, policy=config.policy,
+                          broker=args.broker)
     finally:
         if store is not None:
             store.close()
@@ -132,7 +135,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
     store = _open_store(config)
     try:
-        return run(config, store, once=args.once)
+        return run(config, store, once=args.once, broker=args.broker)
     finally:
         store.close()
 
@@ -149,7 +152,7 @@ def cmd_rescan(args: argparse.Namespace, config: Config) -> int:
         config.source(args.source)  # raises ConfigError for an unknown name
     store = _open_store(config)
     prepare(config)
-    worker = build_worker(config, store, only=args.source)
+    worker = build_worker(config, store, only=args.source, broker=args.broker)
     try:
         fingerprint = worker.service.fingerprints.refresh()
         if fingerprint is None:
@@ -236,8 +239,10 @@ def cmd_quarantine(args: argparse.Namespace, config: Config) -> int:
                 print(f"({len(found)} message(s) in quarantine)")
             return EXIT_OK
         if args.q_command == "purge":
-            days = args.older_than_days or config.quarantine.retention_days
-            print(f"deleted {q.purge(store, config, days)} quarantined message(s) older than "
+            days = (args.older_than_days if args.older_than_days is not None
+                    else config.quarantine.retention_days)
+            print(f"deleted {q.purge(store, config, days, args.broker)} quarantined "
+                  "message(s) older than "
                   f"{days} days")
             return EXIT_OK
         status = EXIT_OK
@@ -250,12 +255,12 @@ def cmd_quarantine(args: argparse.Namespace, config: Config) -> int:
                     else:
                         for key, value in entry.as_json().items():
                             print(printable(f"{key:16} {value}"))
-                        print("\n" + q.headers(config, entry) + "\n")
+                        print("\n" + q.headers(config, entry, args.broker) + "\n")
                 elif args.q_command == "release":
-                    where = q.release(store, config, entry)
+                    where = q.release(store, config, entry, args.broker)
                     print(f"{message_id}: released to {printable(where)}")
                 elif args.q_command == "delete":
-                    q.delete(store, config, entry)
+                    q.delete(store, config, entry, args.broker)
                     print(f"{message_id}: deleted")
             except (q.QuarantineError, OSError) as exc:
                 print(f"spoolscan: {exc}", file=sys.stderr)
@@ -407,9 +412,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+#: Commands that read mail: started as root, they run it as [privileges] user (privsep).
+PRIVSEP_COMMANDS = frozenset({"run", "rescan", "scan", "quarantine"})
+
+
+def entry() -> None:
+    """The ``spoolscan`` command (console script, ``python -m spoolscan``)."""
+    sys.exit(main(privsep=True))
+
+
+def main(argv: Sequence[str] | None = None, *, privsep: bool = False) -> int:
+    """Run one command.  ``privsep``: when root, split off the privileged helper and run
+    the command as ``[privileges] user`` (the command line does; in-process callers keep
+    their own privileges)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.broker = None
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
@@ -423,6 +441,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     secret = url_password(config.database.url)
     _setup_logging(args.verbose, args.quiet, secret)
     try:
+        if (privsep and os.geteuid() == 0 and args.command in PRIVSEP_COMMANDS
+                and config.privileges.user != "root"):
+            from spoolscan import privsep as separation
+
+            args.broker = separation.start(
+                config, scan_paths=args.paths if args.command == "scan" else ())
         return int(args.func(args, config))
     except StoreError as exc:
         return _fail(f"database error: {exc}", secret)
@@ -447,4 +471,4 @@ def _fail(message: str, secret: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -87,6 +87,14 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class PrivilegesConfig:
+    # Started as root, spoolscan keeps a small privileged helper and runs everything that
+    # reads mail (parsing, hashing, clamd, the database) as this user.  "root" keeps it
+    # all in one root process (not recommended).
+    user: str = "spoolscan"
+
+
+@dataclass(frozen=True)
 class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     clamd: ClamdConfig = field(default_factory=ClamdConfig)
@@ -94,6 +102,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sources: tuple[SourceConfig, ...] = ()
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    privileges: PrivilegesConfig = field(default_factory=PrivilegesConfig)
     path: str | None = None  # the file this came from, None for built-in defaults
 
     def source(self, name: str) -> SourceConfig:
@@ -242,7 +251,7 @@ def _table(data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
 def parse_config(data: Mapping[str, Any], where: str = "built-in defaults") -> Config:
     """Build a validated Config from parsed TOML data."""
     unknown = sorted(set(data) - {"database", "clamd", "quarantine", "policy", "source",
-                                   "schedule"})
+                                   "schedule", "privileges"})
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}] in {where}")
 
@@ -328,8 +337,13 @@ def parse_config(data: Mapping[str, Any], where: str = "built-in defaults") -> C
     )
     s.finish()
 
+    s = _Section("privileges", _table(data, "privileges", where), where)
+    privileges = PrivilegesConfig(
+        user=s.get("user", PrivilegesConfig.user, _string, "a user name"))
+    s.finish()
+
     return Config(database=database, clamd=clamd, quarantine=quarantine, policy=policy,
-                  sources=tuple(sources), schedule=schedule)
+                  sources=tuple(sources), schedule=schedule, privileges=privileges)
 
 
 def load_config(path: str | os.PathLike[str] | None = None,

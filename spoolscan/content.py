@@ -55,7 +55,15 @@ def content_hash(stream: BinaryIO) -> tuple[str, int]:
     Reads in chunks; memory does not grow with the size of the message.
     """
     digest = hashlib.sha256()
-    head = stream.read(_HEAD_LIMIT)
+    # The head is read whole (streams may return less than asked: a queue file's content
+    # stream gives one record at a time), else what is left out would depend on how the
+    # content happened to be read, and copies would not share a hash.
+    parts: list[bytes] = []
+    wanted = _HEAD_LIMIT
+    while wanted > 0 and (part := stream.read(wanted)):
+        parts.append(part)
+        wanted -= len(part)
+    head = b"".join(parts)
     size = len(head)
     digest.update(memoryview(head)[_strip_leading_trace_headers(head):])
     while chunk := stream.read(CHUNK):

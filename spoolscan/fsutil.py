@@ -29,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fnmatch
 import os
 import stat
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Final
@@ -39,6 +41,7 @@ from spoolscan.text import printable
 
 O_DIR: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_PATH: Final = getattr(os, "O_PATH", 0)
+_O_WALK: Final = (_O_PATH or os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _RENAME_NOREPLACE: Final = 1
 _MAX_SYMLINKS: Final = 40
 _COPY_CHUNK: Final = 1024 * 1024
@@ -144,10 +147,12 @@ class Directory:
     other user can swap anything on the way here).
     """
 
-    def __init__(self, fd: int, path: str, trusted: bool = False) -> None:
+    def __init__(self, fd: int, path: str, trusted: bool = False, readable: bool = True
+                 ) -> None:
         self.fd = fd
         self.path = path
         self.trusted = trusted
+        self.readable = readable  # False: an O_PATH descriptor (no listing, no fsync)
         self.st = os.fstat(fd)
 
     # life cycle
@@ -225,13 +230,18 @@ class Directory:
     def make_dir(self, name: str, mode: int) -> Directory:
         """The subdirectory ``name``, created with ``mode`` if missing (as the current
         filesystem identity, which then owns it)."""
+        mode &= 0o777  # never set-id or sticky bits
         try:
             os.mkdir(check_name(name), mode, dir_fd=self.fd)
         except FileExistsError:
             return self.open_dir(name)
         child = self.open_dir(name)
-        os.fchmod(child.fd, mode)  # the umask may have taken bits away
-        self.fsync()
+        try:
+            os.fchmod(child.fd, mode)  # the umask may have taken bits away
+            self.fsync()
+        except BaseException:
+            child.close()
+            raise
         return child
 
     def open_file(self, name: str, owner: int | None = None) -> OpenFile:
@@ -248,7 +258,11 @@ class Directory:
             try:
                 st = os.fstat(probe)
                 _check_regular(st, path, owner)
-                fd = os.open(f"{_PROC_FD}/{probe}", os.O_RDONLY | os.O_CLOEXEC)
+                # O_NONBLOCK: a file lease held by the owner makes the open fail at once
+                # (EWOULDBLOCK: busy, tried again later) instead of waiting for the
+                # lease to be broken (lease-break-time, 45 s) while a thread is blocked.
+                fd = os.open(f"{_PROC_FD}/{probe}",
+                             os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             finally:
                 os.close(probe)
         else:  # no /proc: O_NONBLOCK keeps a FIFO from blocking, then check
@@ -271,9 +285,14 @@ class Directory:
     def create(self, name: str, mode: int = 0o600) -> int:
         """A new file ``name`` open for writing; FileExistsError if the name is taken
         (by anything, a dangling symlink included)."""
+        mode &= 0o666  # a new file is never executable, set-id or sticky
         fd = os.open(check_name(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                      | os.O_CLOEXEC, mode, dir_fd=self.fd)
-        os.fchmod(fd, mode)
+        try:
+            os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def rename(self, name: str, target: Directory, target_name: str) -> None:
@@ -285,7 +304,8 @@ class Directory:
         os.unlink(check_name(name), dir_fd=self.fd)
 
     def fsync(self) -> None:
-        os.fsync(self.fd)
+        if self.readable:
+            os.fsync(self.fd)
 
 
 def kind_of(st: os.stat_result) -> str:
@@ -335,7 +355,10 @@ def open_directory(path: str | os.PathLike[str]) -> Directory:
     if not text.startswith("/"):
         raise ValueError(f"{text}: not an absolute path")
     todo = [p for p in os.path.normpath(text).split("/") if p]
-    fd = os.open("/", O_DIR)
+    # The walk uses O_PATH: passing through a directory needs only its search permission
+    # (an unprivileged worker reaches its store through 0711 directories); the last one
+    # is opened for reading at the end.
+    fd = os.open("/", _O_WALK)
     trusted = _root_only(os.fstat(fd))
     walked = "/"
     followed = 0
@@ -344,10 +367,10 @@ def open_directory(path: str | os.PathLike[str]) -> Directory:
             part = todo.pop(0)
             if part == "..":
                 # Only from a symlink target in root's part of the path: go up from there.
-                next_fd = os.open("..", O_DIR, dir_fd=fd)
+                next_fd = os.open("..", _O_WALK, dir_fd=fd)
             else:
                 try:
-                    next_fd = os.open(check_name(part), O_DIR, dir_fd=fd)
+                    next_fd = os.open(check_name(part), _O_WALK, dir_fd=fd)
                 except OSError as exc:
                     if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                         raise
@@ -365,17 +388,57 @@ def open_directory(path: str | os.PathLike[str]) -> Directory:
                     todo = [p for p in target.split("/") if p and p != "."] + todo
                     if target.startswith("/"):
                         os.close(fd)
-                        fd = os.open("/", O_DIR)
+                        fd = os.open("/", _O_WALK)
                         walked = "/"
                     continue
             os.close(fd)
             fd = next_fd
+            # O_PATH descriptors are fstat-able: the ownership check is on what was opened.
             trusted = trusted and _root_only(os.fstat(fd))
             walked = os.path.join(walked, part)
-        return Directory(fd, os.path.normpath(text), trusted=trusted)
-    except BaseException:
+        try:
+            final = os.open(".", O_DIR, dir_fd=fd)
+        except PermissionError:
+            # Searchable but not readable by us (a parent of our own directory): it can
+            # still be worked in by name, not listed.
+            return Directory(fd, os.path.normpath(text), trusted=trusted, readable=False)
         os.close(fd)
+        return Directory(final, os.path.normpath(text), trusted=trusted)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
         raise
+
+
+def glob_dirs(pattern: str) -> list[str]:
+    """The directories matching the glob ``pattern`` (absolute; ``*``, ``?``, ``[...]``
+    within one component), found on the safe layer: each directory listed is opened by
+    the safe walk, and a wildcard matches a symlink only in root's part of the tree.
+    Components without a wildcard are not checked here (the caller opens the result)."""
+    parts = [p for p in os.path.normpath(os.path.abspath(pattern)).split("/") if p]
+    found: list[str] = []
+    stack: list[tuple[str, int]] = [("/", 0)]
+    while stack:
+        path, index = stack.pop()
+        if index == len(parts):
+            found.append(path)
+            continue
+        part = parts[index]
+        if not any(c in part for c in "*?["):
+            stack.append((os.path.join(path, part), index + 1))
+            continue
+        try:
+            with open_directory(path) as d:
+                entries, trusted = d.entries(), d.trusted
+        except (OSError, UnsafeFile):
+            continue
+        for e in entries:
+            if e.name.startswith(".") and not part.startswith("."):
+                continue  # as glob(): a wildcard does not match a leading dot
+            if (e.kind == "dir" or e.kind == "symlink" and trusted) and fnmatch.fnmatchcase(
+                    e.name, part):
+                stack.append((os.path.join(path, e.name), index + 1))
+    return sorted(found)
 
 
 # --- moving, copying, syncing ----------------------------------------------------------
@@ -430,6 +493,50 @@ def copy_stream(stream: BinaryIO, dst: int) -> int:
     return total
 
 
+def temp_name() -> str:
+    """A fresh temporary file name of fixed length (never derived from another name, so
+    never too long), a dot-file that Maildir readers ignore."""
+    return f".spoolscan.{os.urandom(8).hex()}.tmp"
+
+
+def snapshot(src: int, limit: int, directory: str | None = None) -> tuple[int, int]:
+    """A private copy of the file open at ``src``: (descriptor, size).
+
+    At most ``limit + 1`` bytes are copied, so a size above ``limit`` means "larger than
+    the limit" whatever the file grows to meanwhile.  The copy is an unnamed file
+    (``O_TMPFILE``) in ``directory`` that nobody else can open: a mailbox owner can change
+    their file while it is being scanned, never the copy, so what is hashed, scanned,
+    cached and quarantined is one and the same content.
+    """
+    base = directory or tempfile.gettempdir()
+    try:
+        fd = os.open(base, os.O_TMPFILE | os.O_RDWR | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError:  # no O_TMPFILE there: a named file, unlinked at once
+        fd, name = tempfile.mkstemp(dir=base)
+        os.unlink(name)
+    try:
+        copied = 0
+        while copied <= limit:
+            try:
+                n = os.sendfile(fd, src, copied, min(_COPY_CHUNK, limit + 1 - copied))
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                chunk = os.pread(src, min(_COPY_CHUNK, limit + 1 - copied), copied)
+                n = len(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            if n == 0:
+                break
+            copied += n
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd, copied
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def write_new(directory: Directory, name: str, stream: BinaryIO, mode: int = 0o600,
               times_ns: tuple[int, int] | None = None) -> int:
     """Write ``stream`` into the new file ``directory/name`` durably: a temporary name
@@ -438,7 +545,7 @@ def write_new(directory: Directory, name: str, stream: BinaryIO, mode: int = 0o6
     The temporary file is removed on any failure (ENOSPC included), so a failed write
     leaves nothing behind.  Returns the size written.
     """
-    tmp = f".{name}.tmp.{os.getpid()}.{os.urandom(4).hex()}"
+    tmp = temp_name()
     fd = directory.create(tmp, mode)
     try:
         try:

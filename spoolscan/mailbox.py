@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pwd
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -41,6 +42,23 @@ def race_point(where: str, loc: Location) -> None:
     """Does nothing.  Called between checking a message and changing it (``where``:
     "move", "remove", "restore"), the moment an attacker would swap something; tests
     replace it to make such races happen deterministically."""
+
+
+def _clash_name(attempt: int, name: str) -> str:
+    """Another name for a message whose name is taken: ``q<n>-<name>``, cut to fit."""
+    prefix = f"q{attempt}-"
+    raw = os.fsencode(name)
+    return prefix + os.fsdecode(raw[len(raw) + len(prefix) - 255:] if
+                                len(raw) + len(prefix) > 255 else raw)
+
+
+def _primary_gid(uid: int, fallback: int) -> int:
+    """The owner's primary group (files made as the owner get it), else the group of
+    the mailbox root (an owner without an account, e.g. a virtual mail uid)."""
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return fallback
 
 
 def unique_part(name: str) -> str:
@@ -105,7 +123,7 @@ class Mailbox:
         self.dir = root
         self.path = root.path
         self.uid = root.st.st_uid
-        self.gid = root.st.st_gid
+        self.gid = _primary_gid(self.uid, root.st.st_gid)
         self.owners = (self.uid, 0)
 
     @classmethod
@@ -223,11 +241,23 @@ class Mailbox:
             return self._move(loc, folder, key, rename_on_clash=False)
 
     def remove(self, loc: Location, key: tuple[int, int] | None) -> None:
-        """Delete the scanned message (``key``: its device and inode, checked first)."""
+        """Delete the scanned message (``key``: its device and inode).
+
+        The name is first renamed to a private one in the same directory, the file found
+        there checked, and only then unlinked: a file swapped in at the last moment is
+        put back, never deleted."""
         with fsutil.acting_as(self.uid, self.gid), self.subdir(loc.folder, loc.subdir) as d:
             self._check(d, loc, key)
             race_point("remove", loc)
-            d.unlink(loc.name)
+            doomed = fsutil.temp_name()
+            d.rename(loc.name, d, doomed)
+            st = d.lstat(doomed)
+            if key is not None and (st is None or (st.st_dev, st.st_ino) != key):
+                with contextlib.suppress(OSError):
+                    d.rename(doomed, d, loc.name)
+                raise UnsafeFile(f"{printable(loc.path)}: replaced while being removed; "
+                                 "put back, not removed (it will be scanned again)")
+            d.unlink(doomed)
             d.fsync()
 
     def restore(self, loc: Location, content: BinaryIO,
@@ -238,7 +268,7 @@ class Mailbox:
         with fsutil.acting_as(self.uid, self.gid), \
                 self.subdir(loc.folder, "tmp") as tmp, \
                 self.subdir(loc.folder, loc.subdir) as target:
-            staged = f"{loc.unique}.spoolscan-restore.{os.urandom(4).hex()}"
+            staged = fsutil.temp_name()
             fsutil.write_new(tmp, staged, content, mode=0o600, times_ns=times_ns)
             race_point("restore", loc)
             try:
@@ -253,7 +283,7 @@ class Mailbox:
     # --- helpers (called with the owner's identity) -----------------------------------------
 
     def _quarantine_folder(self) -> None:
-        mode = stat.S_IMODE(self.dir.st.st_mode) | 0o700
+        mode = stat.S_IMODE(self.dir.st.st_mode) & 0o777 | 0o700
         with self.dir.make_dir(QUARANTINE_FOLDER, mode) as q:
             if q.st.st_uid not in self.owners:
                 raise UnsafeFile(f"{q.path}: owned by uid {q.st.st_uid}; not used")
@@ -287,7 +317,7 @@ class Mailbox:
             name = loc.name
             for attempt in range(_FREE_NAME_TRIES):
                 if attempt:
-                    name = f"q{attempt}-{loc.name}"
+                    name = _clash_name(attempt, loc.name)
                 try:
                     src.rename(loc.name, dst, name)
                     break
@@ -322,6 +352,7 @@ class Mailbox:
                 raise UnsafeFile(f"{printable(loc.path)}: replaced since it was "
                                  "scanned; not touched")
             with os.fdopen(os.dup(opened.fd), "rb") as stream:
-                fsutil.write_new(dst, name, stream, mode=stat.S_IMODE(opened.st.st_mode),
+                fsutil.write_new(dst, name, stream,
+                                 mode=stat.S_IMODE(opened.st.st_mode) & 0o666,
                                  times_ns=(opened.st.st_atime_ns, opened.st.st_mtime_ns))
         src.unlink(loc.name)

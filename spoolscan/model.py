@@ -134,11 +134,15 @@ class ContentUnavailable(Exception):
 @dataclass
 class Opened:
     """An open message: a binary stream of its content (rewindable when ``seekable()``),
-    and the descriptor of the file when the content is the whole file."""
+    and the descriptor of the file when the content is the whole file.
+
+    ``shared``: someone else (a mailbox owner) can change the file while it is read, so
+    it is scanned from a private copy (hashed, scanned and cached as one content)."""
 
     stream: BinaryIO
     fd: int | None = None
     size: int | None = None
+    shared: bool = False
 
 
 Opener = Callable[[], contextlib.AbstractContextManager[Opened]]

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TextIO
 
-from spoolscan import fsutil
 from spoolscan.broker import Broker
 from spoolscan.config import PolicyConfig, SourceConfig
 from spoolscan.fsutil import UnsafeFile
-from spoolscan.mailbox import QUARANTINE_FOLDER, SUBDIRS, Location, Mailbox
+from spoolscan.mailbox import Location
 from spoolscan.model import (
     Action,
     ContentUnavailable,
@@ -64,37 +63,36 @@ class Target:
 
 class Finder:
     """Files to scan under the paths given: files as given, directories recursively (an
-    explicit stack: no depth limit), Maildirs as mailboxes (new/ and cur/ of every
-    folder, never tmp/ or .Quarantine).  Walked on the safe layer: symlinks a user could
-    change are never followed, only regular files are opened.  A Maildir message of a
-    configured source keeps that source's identity, so that it is not recorded twice."""
+    explicit stack: no depth limit), every regular file in them, a Maildir's included
+    (nothing can hide next to a ``new/``).  Walked through the broker on the safe layer:
+    symlinks a user could change are never followed, only regular files are opened.  A
+    message in new/ or cur/ of a configured Maildir source keeps that source's identity,
+    so that it is not recorded twice."""
 
     def __init__(self, sources: Sequence[SourceConfig] = (), broker: Broker | None = None
                  ) -> None:
-        broker = broker or Broker()
+        self.broker = broker or Broker()
         self.roots: dict[str, str] = {}  # mailbox root → source name
         for src in sources:
             if src.type == "maildir":
-                for root in broker.mailbox_roots(src.paths)[0]:
+                for root in self.broker.mailbox_roots(src.paths)[0]:
                     self.roots.setdefault(root, src.name)
 
     def targets(self, paths: Sequence[str]) -> Iterator[Target]:
         for raw in paths:
             path = os.path.normpath(os.path.abspath(raw))
-            parent, name = os.path.split(path)
             try:
-                with fsutil.open_directory(parent) as d:
-                    st = d.lstat(name) if name else d.st
+                kind = self.broker.path_kind(path)
             except (OSError, UnsafeFile) as exc:
                 yield Target(path, problem=_why(exc))
                 continue
-            if st is None:
+            if kind is None:
                 yield Target(path, problem="no such file or directory")
-            elif fsutil.kind_of(st) == "file":
+            elif kind == "file":
                 yield self._target(path)
-            elif fsutil.kind_of(st) == "dir":
+            elif kind == "dir":
                 yield from self._walk(path)
-            elif fsutil.kind_of(st) == "symlink":
+            elif kind == "symlink":
                 yield Target(path, problem="a symlink (name the file itself)")
             else:
                 log.warning("%s: skipped (not a regular file or directory)", printable(path))
@@ -111,39 +109,19 @@ class Finder:
         while stack:
             path = stack.pop()
             try:
-                with fsutil.open_directory(path) as d:
-                    entries = sorted(d.entries(), key=lambda e: e.name, reverse=True)
+                entries = sorted(self.broker.path_entries(path), reverse=True)
             except (OSError, UnsafeFile) as exc:
                 log.error("%s: cannot list: %s", printable(path), _why(exc))
                 continue
-            names = {e.name: e.kind for e in entries}
-            if all(names.get(sub) == "dir" for sub in SUBDIRS):
-                yield from self._mailbox(path)
-                continue
-            for e in entries:
-                child = f"{path.rstrip('/')}/{e.name}"
-                if e.kind == "dir":
+            for name, kind in entries:
+                child = f"{path.rstrip('/')}/{name}"
+                if kind == "dir":
                     stack.append(child)
-                elif e.kind == "file":
+                elif kind == "file":
                     yield self._target(child)
                 else:
                     log.info("%s: skipped (%s)", printable(child),
-                             "symlink" if e.kind == "symlink" else "not a regular file")
-
-    def _mailbox(self, root: str) -> Iterator[Target]:
-        try:
-            with Mailbox.open(root) as box:
-                folders = [f for f in box.folders() if f != QUARANTINE_FOLDER]
-                found = [(f, sub, e) for f in folders for sub, e in box.entries(f)]
-        except (OSError, UnsafeFile) as exc:
-            log.error("%s: cannot list the mailbox: %s", printable(root), _why(exc))
-            return
-        for folder, sub, e in found:
-            loc = Location(root, folder, sub, e.name)
-            if e.kind == "file":
-                yield self._target(loc.path)
-            else:
-                log.info("%s: skipped (%s)", printable(loc.path), e.kind)
+                             "symlink" if kind == "symlink" else "not a regular file")
 
 
 def _why(exc: BaseException) -> str:
@@ -153,30 +131,29 @@ def _why(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def open_target(target: Target) -> Iterator[Opened]:
-    """Open a file found by the Finder, on the safe layer (regular files only)."""
+def open_target(target: Target, broker: Broker) -> Iterator[Opened]:
+    """Open a file found by the Finder, through the broker (regular files only)."""
     if target.problem is not None:
         raise ContentUnavailable(f"{target.path}: {target.problem}")
-    parent, name = os.path.split(target.path)
     try:
-        with fsutil.open_directory(parent) as d:
-            opened = d.open_file(name)
+        opened = broker.path_open(target.path)
     except FileNotFoundError:
         raise ContentUnavailable(f"{target.path}: no longer exists", gone=True) from None
     except (OSError, UnsafeFile) as exc:
         raise ContentUnavailable(f"{target.path}: cannot open: {_why(exc)}") from None
     with opened, os.fdopen(os.dup(opened.fd), "rb", buffering=0) as stream:
-        yield Opened(stream=stream, fd=opened.fd, size=opened.st.st_size)  # type: ignore[arg-type]
+        yield Opened(stream=stream, fd=opened.fd, size=opened.st.st_size,  # type: ignore[arg-type]
+                     shared=True)
 
 
-def job_for(target: Target, trigger: Trigger = Trigger.MANUAL) -> Job:
+def job_for(target: Target, broker: Broker, trigger: Trigger = Trigger.MANUAL) -> Job:
     if target.identity is not None:
         info = MessageInfo(source=target.source, kind="maildir", identity=target.identity,
                            location=target.path)
     else:
         info = MessageInfo(source=CLI_SOURCE, kind="file", identity=target.path,
                            location=target.path)
-    return Job(info=info, open=lambda: open_target(target), trigger=trigger)
+    return Job(info=info, open=lambda: open_target(target, broker), trigger=trigger)
 
 
 def plan_for(policy: PolicyConfig, now: datetime):  # type: ignore[no-untyped-def]
@@ -255,7 +232,7 @@ def scan_paths(service: ScanService, paths: list[str], *, concurrency: int,
                as_json: bool = False, out: TextIO | None = None,
                err: TextIO | None = None, trigger: Trigger = Trigger.MANUAL,
                sources: Sequence[SourceConfig] = (),
-               policy: PolicyConfig | None = None) -> int:
+               policy: PolicyConfig | None = None, broker: Broker | None = None) -> int:
     """Scan ``paths``, print a line (or JSON object) per message and a summary.
 
     Returns the exit status.  Verdicts are stored in batches when the service has a store.
@@ -263,7 +240,8 @@ def scan_paths(service: ScanService, paths: list[str], *, concurrency: int,
     out = out or sys.stdout
     err = err or sys.stderr
     store: Store | None = service.store
-    finder = Finder(sources)
+    broker = broker or Broker()
+    finder = Finder(sources, broker)
     tally = Tally()
     # On a terminal, count first so that the bar can say how far along it is.
     total = (sum(1 for _ in finder.targets(paths)) if err.isatty() and not as_json
@@ -281,7 +259,7 @@ def scan_paths(service: ScanService, paths: list[str], *, concurrency: int,
         pending.clear()
         last_flush = time.monotonic()
 
-    jobs = (job_for(t, trigger) for t in finder.targets(paths))
+    jobs = (job_for(t, broker, trigger) for t in finder.targets(paths))
     for outcome in run_jobs(service, jobs, concurrency):
         tally.add(outcome)
         if out.isatty():  # the bar shares the terminal with the result lines

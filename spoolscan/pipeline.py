@@ -111,7 +111,8 @@ class Worker:
                  sources: Iterable[Source]) -> None:
         self.config = config
         self.store = store
-        self.service = ScanService(client=client, store=store)
+        self.service = ScanService(client=client, store=store,
+                                   snapshot_dir=config.quarantine.directory)
         self.sources = {s.name: s for s in sources}
         self.stats: Counter[str] = Counter()
         # None in either queue only wakes its reader (see stop()).

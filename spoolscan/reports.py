@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from sqlalchemy import text
 
 from spoolscan.store.repo import Store
+from spoolscan.text import printable
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ def render(columns: Sequence[str], rows: Sequence[tuple], fmt: str, title: str =
         return (f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>\n"
                 f"<h1>{html.escape(title)}</h1>\n<table border=1 cellpadding=4>\n"
                 f"<tr>{head}</tr>\n{body}</table>\n")
-    cells = [[_cell(v) for v in row] for row in rows]
+    # A terminal: texts from mail (senders, file names) shown escaped, one line each.
+    cells = [[printable(_cell(v)) for v in row] for row in rows]
     widths = [min(60, max([len(c)] + [len(r[i]) for r in cells])) for i, c in enumerate(columns)]
     lines = [("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))).rstrip(),
              "  ".join("-" * w for w in widths)]

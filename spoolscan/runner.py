@@ -33,13 +33,13 @@ def prepare(config: Config) -> None:
 
 
 def run(config: Config, store: Store, once: bool = False,
-        stop: threading.Event | None = None) -> int:
+        stop: threading.Event | None = None, broker: Broker | None = None) -> int:
     """`spoolscan run`: the worker and the scheduler until SIGTERM/SIGINT (or ``once``)."""
     if not config.sources:
         log.error("no [[source]] configured: nothing to watch (see spoolscan.example.toml)")
         return 2
     prepare(config)
-    worker = build_worker(config, store)
+    worker = build_worker(config, store, broker=broker)
     names = ", ".join(f"{s.name} ({s.type})" for s in config.sources)
     if once:
         log.info("processing what is there now in: %s", names)

@@ -13,6 +13,7 @@ jobs are in flight, and the in-process verdict cache is an LRU of fixed size.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -21,6 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from spoolscan import fsutil
 from spoolscan.clamd import ClamdClient, ClamdError
 from spoolscan.content import content_hash
 from spoolscan.model import ContentUnavailable, Job, Opened, Outcome, ScanResult, Verdict
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from spoolscan.store.repo import Store
 
 log = logging.getLogger(__name__)
+
+MAX_SNAPSHOT = 1 << 40  # bytes copied when no max_size is configured (never in practice)
 
 
 class FingerprintWatch:
@@ -168,6 +172,7 @@ class ScanService:
     client: ClamdClient
     store: Store | None
     use_cache: bool = True
+    snapshot_dir: str | None = None  # where private copies of shared files go
     cache: VerdictCache = field(init=False)
     fingerprints: FingerprintWatch = field(init=False)
 
@@ -194,15 +199,41 @@ class ScanService:
             # Too large to scan: say so without reading it (not even to hash it).
             result = self.client.scan_stream(opened.stream, opened.size)
             return Outcome(job, replace(job.info, size=opened.size), result)
-        known = job.known_content
-        if known is not None and opened.size is not None and opened.size == known[1]:
-            digest, size = known
-        else:
-            digest, size = content_hash(opened.stream)
-        info = replace(job.info, content_hash=digest, size=size)
         # Read the fingerprint before scanning: the stamp may be older than the
         # signatures used, never newer (see ClamdClient.fingerprint).
         fingerprint = self.fingerprints.current()
+        known = job.known_content
+        if (known is not None and opened.size == known[1] and fingerprint
+                and self.use_cache):
+            # A rescan: the content hash recorded at arrival answers from the cache
+            # without reading anything.  A miss reads (and hashes) the content again.
+            self.cache.warm(fingerprint)
+            hit = self.cache.get((known[0], fingerprint))
+            if hit is not None:
+                info = replace(job.info, content_hash=known[0], size=known[1])
+                return Outcome(job, info, replace(hit, duration_ms=0), cached=True)
+        if opened.shared and opened.fd is not None:
+            # Its owner can change the file while we read it: hash, scan and cache one
+            # private copy, never the live file (else the verdict for one content could
+            # be cached under the hash of another, for every copy of it).
+            snap_fd, size = fsutil.snapshot(opened.fd, limit if limit is not None
+                                            else MAX_SNAPSHOT, self._snapshot_dir())
+            with open(snap_fd, "rb", buffering=0, closefd=True) as stream:
+                private = Opened(stream=stream, fd=snap_fd, size=size)  # type: ignore[arg-type]
+                if limit is not None and size > limit:  # it grew past the limit meanwhile
+                    result = self.client.scan_stream(private.stream, size)
+                    return Outcome(job, replace(job.info, size=size), result)
+                return self._hash_and_scan(job, private, fingerprint)
+        return self._hash_and_scan(job, opened, fingerprint)
+
+    def _snapshot_dir(self) -> str | None:
+        if self.snapshot_dir and os.path.isdir(self.snapshot_dir):
+            return self.snapshot_dir
+        return None
+
+    def _hash_and_scan(self, job: Job, opened: Opened, fingerprint: str | None) -> Outcome:
+        digest, size = content_hash(opened.stream)
+        info = replace(job.info, content_hash=digest, size=size)
         key = (digest, fingerprint) if fingerprint and self.use_cache else None
         if key is not None:
             self.cache.warm(key[1])

@@ -107,9 +107,45 @@ def config(clamd_config: ClamdConfig, db_url: str, tmp_path: Path) -> Config:
     )
 
 
+WORKER_USER = "spoolscan"  # the unprivileged user `spoolscan` runs as (privilege separation)
+
+
+def ready_for_the_worker(config: Config) -> None:
+    """Let the unprivileged worker of a `spoolscan` command started as root reach what a
+    test made for it: pytest's directories are 0700 (give them the search bit), and
+    SQLite writes its journal beside the database (give the worker that directory)."""
+    import pwd
+
+    user = pwd.getpwnam(WORKER_USER)
+    paths = [Path(config.quarantine.directory).parent]
+    if config.clamd.socket:
+        paths.append(Path(config.clamd.socket).parent)
+    if config.database.url.startswith("sqlite:///"):
+        db_dir = Path(config.database.url[len("sqlite:///"):]).parent
+        paths.append(db_dir)
+        if db_dir.is_dir() and db_dir.stat().st_uid == 0:
+            os.chown(db_dir, user.pw_uid, user.pw_gid)
+    for path in paths:
+        allow_traversal(path)
+
+
+def allow_traversal(path: Path) -> None:
+    """Add the search bit for others to ``path`` and its ancestors that lack it."""
+    for directory in (path, *path.parents):
+        if directory.is_dir():
+            st = directory.stat()
+            if not st.st_mode & 0o001:
+                directory.chmod(st.st_mode & 0o7777 | 0o001)
+
+
 def write_config(path: Path, config: Config, extra: str = "") -> Path:
-    """Write ``config`` as a TOML file (what an admin would write)."""
+    """Write ``config`` as a TOML file (what an admin would write).  A `spoolscan` command
+    started by a test as root runs its worker as the unprivileged user, as in production;
+    the test's directories are made reachable for it."""
     c = config
+    if os.geteuid() == 0:
+        ready_for_the_worker(config)
+        allow_traversal(path.parent)
     sock = f'socket = "{c.clamd.socket}"' if c.clamd.socket else f'address = "{c.clamd.address}"'
     path.write_text(f"""
 [database]
@@ -129,8 +165,12 @@ local_domains = {list(c.policy.local_domains)!r}
 max_size = {c.policy.max_size}
 max_attempts = {c.policy.max_attempts}
 retry_delay = {c.policy.retry_delay}
+
+[privileges]
+user = "{WORKER_USER}"
 {extra}
 """.replace("'", '"'))
+    os.chmod(path, 0o644)
     return path
 
 
@@ -222,3 +262,20 @@ def postfix(tmp_path: Path) -> Iterator[PostfixInstance]:
     yield instance
     instance.stop()
 
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    """After the fuzz targets ran: examples and examples per second, per target."""
+    import sys
+
+    fuzz = sys.modules.get("test_fuzz")
+    results = getattr(fuzz, "RESULTS", None)
+    if not results:
+        return
+    terminalreporter.section("fuzzing")
+    terminalreporter.write_line(f"{'target':34} {'examples':>9}  {'wall':>8}  "
+                                f"{'examples/s (wall, with generation)':>36}")
+    for name, (examples, _, first, last) in sorted(results.items()):
+        wall = max(last - first, 1e-9)
+        terminalreporter.write_line(f"{name:34} {int(examples):>9,}  {wall:>7.1f}s  "
+                                    f"{examples / wall:>36,.0f}")

@@ -75,3 +75,20 @@ def test_large_content_is_hashed_in_chunks():
     data = b"Subject: big\n\n" + b"x" * (3 * 1024 * 1024)
     digest_, size = content_hash(io.BytesIO(data))
     assert size == len(data)
+
+
+def test_the_hash_does_not_depend_on_how_the_stream_is_read():
+    """A queue file's content stream returns one record at a time: short reads."""
+    data = b"Return-Path: <a@example.org>\nDelivered-To: b@example.org\nSubject: x\n\nbody\n"
+
+    class OneByteAtATime(io.RawIOBase):
+        def __init__(self) -> None:
+            self.inner = io.BytesIO(data)
+
+        def readable(self) -> bool:
+            return True
+
+        def read(self, n: int = -1) -> bytes:
+            return self.inner.read(1)
+
+    assert content_hash(OneByteAtATime()) == content_hash(io.BytesIO(data))

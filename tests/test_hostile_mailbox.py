@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_until, write_config
 from hostile import GID, UID, Arena, files_under, make_arena, remove_arena
-from mail import deliver, eicar_message, message
+from mail import deliver, eicar_message, make_maildir, message
 from sqlalchemy import text
 
 from spoolscan import mailbox
@@ -463,3 +463,164 @@ def test_spoolscan_run_as_root_survives_the_owner_and_quarantines_once_fixed(
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert "symlink" in err
+
+
+# --- the content changes under our feet ---------------------------------------------------
+
+
+def test_a_message_rewritten_during_its_scan_cannot_poison_the_cache(
+        arena, cfg_for, store, monkeypatch):
+    """The owner overwrites the EICAR bytes of their copy while it is scanned: what is
+    scanned and cached is one private copy, so the other user's copy of the same content
+    is still infected, and quarantined."""
+    victim = make_maildir(arena.base / "home" / "victim" / "Maildir", owner=(4243, 4243))
+    content = eicar_message("the same message to two users")
+    attacker_copy = deliver(arena.maildir, content)
+    victim_copy = deliver(victim, content)
+    cfg = cfg_for("store")
+    cfg = replace(cfg, sources=(replace(cfg.sources[0], paths=(
+        str(arena.maildir), str(victim))),))
+    from spoolscan.clamd import ClamdClient
+
+    real = ClamdClient.scan_fd
+    rewritten = []
+
+    def scan_after_the_owner_rewrote_it(self, fd, size=None):  # type: ignore[no-untyped-def]
+        if not rewritten:
+            rewritten.append(True)
+            data = attacker_copy.read_bytes().replace(b"WDVPIVAl", b"AAAAAAAA")
+            assert data != attacker_copy.read_bytes()
+            arena.as_owner("printf '%s' '' > /dev/null")  # (the owner's own process...)
+            with open(attacker_copy, "r+b") as fh:  # ...rewrites the same inode in place
+                fh.write(data)
+        return real(self, fd, size)
+
+    monkeypatch.setattr(ClamdClient, "scan_fd", scan_after_the_owner_rewrote_it)
+    worker = build_worker(replace(cfg, clamd=replace(cfg.clamd, concurrency=1)), store)
+    worker.run_once()
+
+    assert rewritten and not victim_copy.exists()  # quarantined: the cache said infected
+    by_name = {r["identity"].rpartition("/")[2]: r for r in rows(store)}
+    assert by_name[victim_copy.name]["verdict"] == "infected"
+    attacker = by_name[attacker_copy.name]
+    # Its scanned copy was infected, its file no longer is: not quarantined, retried.
+    assert attacker["state"] == "retry" and "changed since it was scanned" in \
+        attacker["last_error"]
+
+
+def test_a_message_that_grows_while_read_is_cut_at_the_limit(arena, cfg_for, store,
+                                                              monkeypatch):
+    grown = deliver(arena.maildir, eicar_message("grows"))
+    other = deliver(arena.maildir, eicar_message("another one"))
+    from spoolscan import fsutil
+
+    real = fsutil.snapshot
+
+    def owner_grows_it_first(src, limit, directory=None):  # type: ignore[no-untyped-def]
+        if os.fstat(src).st_size < 10_000:
+            os.truncate(grown, 1 << 40)  # 1 TiB, sparse: as the owner could
+        return real(src, limit, directory)
+
+    monkeypatch.setattr(fsutil, "snapshot", owner_grows_it_first)
+    started = time.monotonic()
+    run = build_worker(cfg_for("store"), store)
+    run.run_once()
+    assert time.monotonic() - started < 60  # no thread reads a terabyte
+    assert not other.exists()
+    assert all(os.path.getsize(arena.store / p) < 100_000
+               for p in files_under(arena.store))
+    by_name = {r["identity"].rpartition("/")[2]: r for r in rows(store)}
+    assert by_name[grown.name]["verdict"] == "unchecked"
+
+
+def test_leased_files_do_not_stall_the_others(arena, cfg_for, run_once, store):
+    leased = [deliver(arena.maildir, message(subject=f"leased {i}")) for i in range(5)]
+    infected = deliver(arena.maildir, eicar_message())
+    holder = subprocess.Popen(
+        ["setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups", "--",
+         "/usr/bin/python3", "-c",
+         "import fcntl, signal, sys, time\n"
+         "signal.signal(signal.SIGIO, signal.SIG_IGN)\n"
+         "files = [open(p, 'rb') for p in sys.argv[1:]]\n"
+         "for f in files:\n"
+         "    fcntl.fcntl(f, fcntl.F_SETLEASE, fcntl.F_RDLCK)\n"
+         "print('leased', flush=True)\n"
+         "time.sleep(120)\n", *map(str, leased)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "leased"
+        started = time.monotonic()
+        run_once(cfg_for("store"))
+        assert time.monotonic() - started < 30  # not 5 x 45 s of lease-break-time
+        assert not infected.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_files_with_one_unique_part_are_both_scanned(arena, cfg_for, run_once, store):
+    clean = deliver(arena.maildir, message(subject="clean"), unique="1.M1P1.same")
+    infected = deliver(arena.maildir, eicar_message(), subdir="cur", flags="S",
+                       unique="1.M1P1.same")
+    run_once(cfg_for("store"))
+    assert clean.exists() and not infected.exists()
+
+
+def test_a_broken_quarantine_entry_does_not_stop_the_purge(arena, cfg_for, run_once, store,
+                                                          tmp_path, capsys):
+    cfg = cfg_for("folder")
+    first_id, first, config_file = _quarantine_one(arena, cfg, run_once, store, tmp_path)
+    second = deliver(arena.maildir, eicar_message("second"))
+    run_once(cfg)
+    held = arena.maildir / ".Quarantine" / "cur" / first.name
+    arena.as_owner(f"rm {held} && mkfifo {held}")
+    code, out, _ = q(capsys, config_file, "purge", "--older-than-days", "0")
+    assert code == 0 and "deleted 1 quarantined" in out
+    assert not (arena.maildir / ".Quarantine" / "new" / second.name).exists()
+
+
+def test_a_flood_of_symlinks_is_one_log_line_per_folder(arena, cfg_for, store, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    arena.as_owner(f"cd {arena.maildir}/new && for i in $(seq 1 300); do "
+                   f"ln -s /etc/passwd link$i; done")
+    worker = build_worker(cfg_for("store"), store)
+    source = worker.sources["mailboxes"]
+    for _ in range(3):
+        list(source.sweep())
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(lines) == 1 and "300 entries skipped (300 symlink" in lines[0]
+
+
+def test_a_glob_never_lists_a_directory_behind_a_users_symlink(arena, cfg_for, store):
+    from inotify_simple import INotify
+    from inotify_simple import flags as inflags
+
+    secret = arena.sentinel / "secret-dir"
+    (secret / "box" / "new").mkdir(parents=True)
+    (secret / "box" / "cur").mkdir()
+    arena.as_owner(f"ln -s {secret} {arena.home}/mail")
+    watch = INotify()
+    watch.add_watch(str(secret), inflags.OPEN | inflags.ACCESS)
+    cfg = cfg_for("store")
+    cfg = replace(cfg, sources=(replace(cfg.sources[0], paths=(
+        str(arena.base / "home" / "*" / "mail" / "*"),)),))
+    list(build_worker(cfg, store).sources["mailboxes"].sweep())
+    assert watch.read(timeout=200) == []  # root never opened it
+    watch.close()
+
+
+def test_a_release_works_for_a_name_of_255_bytes(arena, cfg_for, run_once, store, tmp_path,
+                                                 capsys):
+    unique = "1." + "x" * 240 + ".host"
+    infected = deliver(arena.maildir, eicar_message(), unique=unique)
+    cfg = cfg_for("store")
+    run_once(cfg)
+    assert not infected.exists()
+    config_file = write_config(tmp_path / "long.toml", cfg, extra=(
+        f'\n[[source]]\nname = "mailboxes"\ntype = "maildir"\n'
+        f'paths = ["{arena.maildir}"]\n'))
+    code, _, err = q(capsys, config_file, "release", str(only_message(store)["id"]))
+    assert code == 0, err
+    assert infected.exists()

@@ -37,7 +37,9 @@ def updatable_clamd(tmp_path: Path):
 
 
 def maildir_config(config: Config, clamd: ClamdInstance, pattern: str) -> Config:
-    src = SourceConfig(name="mailboxes", type="maildir", paths=(pattern,), sweep_interval=1.0)
+    # The .Quarantine folder, so that the tests can see where each message went.
+    src = SourceConfig(name="mailboxes", type="maildir", paths=(pattern,), sweep_interval=1.0,
+                       quarantine="folder")
     return replace(config, sources=(src,),
                    clamd=replace(config.clamd, socket=str(clamd.socket_path),
                                  database_directory=str(clamd.db_dir)))

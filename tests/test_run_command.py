@@ -24,6 +24,7 @@ def test_run_scans_hold_queue_and_maildirs_until_sigterm(config, postfix, tmp_pa
 name = "mailboxes"
 type = "maildir"
 paths = ["{maildirs}/*/Maildir"]
+quarantine = "folder"
 sweep_interval = "1s"
 """)
     worker = subprocess.Popen([sys.executable, "-m", "spoolscan", "--config", str(config_file),

@@ -33,7 +33,11 @@ def mixed_maildir(root):
         "oversize": deliver(root, message(body="y" * (3 * 1024 * 1024 + 100))),
         "folder-infected": deliver(root, eicar_message("list"), folder=".Lists"),
     }
-    (root / "tmp" / "in-progress").write_bytes(eicar_message())  # tmp/ is never scanned
+    # `spoolscan scan` reads every regular file under the paths it is given: nothing can
+    # hide in tmp/ or next to new/ and cur/ (the worker, by contrast, never looks in tmp/).
+    paths["in-tmp"] = root / "tmp" / "in-progress"
+    paths["in-tmp"].write_bytes(eicar_message())
+    paths["marker"] = root / ".Lists" / "maildirfolder"
     return paths
 
 
@@ -43,10 +47,11 @@ def test_json_over_a_maildir_gives_each_verdict_and_exit_1(capsys, config_file, 
     code, out, _ = run_scan(capsys, config_file, "--json", str(tmp_path / "Maildir"))
     results = {r["path"]: r for r in json_lines(out)}
     assert code == 1
-    assert len(results) == 4
+    assert len(results) == 6
     verdicts = {name: results[str(p)]["verdict"] for name, p in paths.items()}
     assert verdicts == {"clean": "clean", "infected": "infected", "oversize": "unchecked",
-                        "folder-infected": "infected"}
+                        "folder-infected": "infected", "in-tmp": "infected",
+                        "marker": "clean"}
     for r in results.values():
         assert set(r) >= JSON_FIELDS
     assert results[str(paths["infected"])]["signature"] == "Spoolscan.Test.EICAR-NDB.UNOFFICIAL"
@@ -186,3 +191,26 @@ def test_usage_errors_exit_64(capsys, config_file):
         main(["--config", str(config_file), "rescan", "--since", "soon"])
     assert exit_.value.code == 64
     assert "not a duration" in capsys.readouterr().err
+
+
+def test_a_message_of_a_configured_source_is_recorded_once(capsys, config, tmp_path, store):
+    """`spoolscan scan` of mail a Maildir source tracks uses that source's row, so the
+    worker (and a rescan) do not see the message twice."""
+    from conftest import write_config
+
+    from spoolscan.runner import build_worker
+
+    root = make_maildir(tmp_path / "vmail" / "u" / "Maildir")
+    path = deliver(root, message())
+    config_file = write_config(tmp_path / "src.toml", config, extra=(
+        f'\n[[source]]\nname = "mailboxes"\ntype = "maildir"\n'
+        f'paths = ["{tmp_path}/vmail/*/Maildir"]\n'))
+    code, _, _ = run_scan(capsys, config_file, str(root))
+    assert code == 0
+    from spoolscan.config import load_config
+
+    build_worker(load_config(config_file), store).run_once()
+    with store.engine.connect() as conn:
+        rows = conn.execute(text("SELECT source, identity, state FROM messages")).all()
+    assert [tuple(r) for r in rows] == [
+        ("mailboxes", f"{root}/{path.name}", "done")]

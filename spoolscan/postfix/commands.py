@@ -38,6 +38,7 @@ __all__ = [
     "delete",
     "flush",
     "list_queue",
+    "myhostname",
     "queue_directory",
     "release",
     "validate_queue_id",
@@ -240,6 +241,18 @@ def queue_directory(
             "check queue_directory in main.cf"
         )
     return path
+
+
+def myhostname(config_dir: PathArg | None, *, bin_dir: PathArg | None = None,
+               timeout: float = DEFAULT_TIMEOUT) -> str:
+    """The instance's ``myhostname`` (the host part of held messages' identities); the
+    machine's FQDN if postconf cannot say."""
+    try:
+        value = _run("postconf", ["-h", "myhostname"], config_dir=config_dir,
+                     bin_dir=bin_dir, timeout=timeout).stdout.strip()
+    except PostfixCommandError:
+        value = ""
+    return value or socket.getfqdn()
 
 
 def release(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import logging
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,6 +36,8 @@ from spoolscan.model import Action, ActionOutcome, State
 from spoolscan.quarantine.store import QuarantineStore
 from spoolscan.store.repo import Store, as_utc, utcnow
 from spoolscan.text import escape, printable, unescape
+
+log = logging.getLogger(__name__)
 
 _IN_QUARANTINE = """
 SELECT m.id AS id, a.completed_at AS quarantined_at, m.source, m.kind, m.location,
@@ -251,10 +254,16 @@ def release(store: Store, config: Config, entry: Entry, broker: Broker | None = 
 
 
 def delete(store: Store, config: Config, entry: Entry, broker: Broker | None = None) -> None:
-    """Delete the quarantined copy for good."""
+    """Delete the quarantined copy for good (QuarantineError if it cannot be)."""
     if entry.quarantine_path:
-        with contextlib.suppress(QuarantineError):
+        try:
             _Copy(config, entry, broker or Broker()).remove()
+        except QuarantineError as exc:
+            if "does not say where" not in str(exc):
+                raise
+        except (OSError, UnsafeFile) as exc:
+            raise QuarantineError(f"message {entry.id}: the quarantined copy cannot be "
+                                  f"deleted: {exc}") from None
     store.record_action(entry.id, entry.scan_id, Action.DELETE, ActionOutcome.OK,
                         f"deleted from quarantine by {who()}", state=State.DONE,
                         quarantine_path=entry.quarantine_path)
@@ -267,9 +276,16 @@ def purge(store: Store, config: Config, older_than_days: int,
     cutoff = utcnow().timestamp() - older_than_days * 86400
     old = [e for e in entries(store)
            if e.quarantined_at and e.quarantined_at.timestamp() < cutoff]
+    deleted = 0
     for entry in old:
-        delete(store, config, entry, broker)
-    return len(old)
+        # One entry that cannot be deleted (its owner swapped their .Quarantine folder,
+        # say) must not stop the purge of everybody else's.
+        try:
+            delete(store, config, entry, broker)
+            deleted += 1
+        except Exception as exc:
+            log.error("purge: %s", printable(str(exc)))
+    return deleted
 
 
 def format_entry(entry: Entry) -> str:

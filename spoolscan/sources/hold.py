@@ -29,8 +29,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -139,8 +137,7 @@ class HoldSource(Source):
                  ) -> None:
         super().__init__(src, config, store, broker)
         self.config_dir = src.config_directory
-        self.queue_dir = str(commands.queue_directory(self.config_dir))
-        self.host = _myhostname(self.config_dir)
+        self.queue_dir, self.host = broker.postfix_info(self.config_dir)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._watch_fd: int | None = None
@@ -454,14 +451,3 @@ class HoldSource(Source):
         return ActionRecord(row["id"], intent["scan_id"], action, ActionOutcome.OK,
                             "completed before a restart (reconciled)", state=State.DONE,
                             quarantine_path=path)
-
-
-def _myhostname(config_dir: str) -> str:
-    try:
-        out = subprocess.run(["postconf", "-c", config_dir, "-h", "myhostname"],
-                             capture_output=True, text=True, timeout=30)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return socket.getfqdn()

@@ -36,14 +36,17 @@ import errno
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from inotify_simple import flags as inflags
 
+from spoolscan import fsutil
 from spoolscan.broker import Broker, MailboxListing
 from spoolscan.config import Config, SourceConfig
+from spoolscan.content import content_hash
 from spoolscan.fsutil import UnsafeFile
 from spoolscan.mailbox import QUARANTINE_FOLDER, SUBDIRS, Location, is_folder_name, unique_part
 from spoolscan.model import (
@@ -151,18 +154,36 @@ class MaildirSource(Source):
             return
         self._sync_watches(listing)
         for folder in listing.folders:
+            skipped: Counter[str] = Counter()
+            example = ""
+            seen: set[str] = set()
             for sub, name, kind in folder.entries:
                 loc = Location(root, folder.folder, sub, name)
                 if kind != "file":
-                    self._skip(loc, kind)
+                    skipped[kind] += 1
+                    example = example or loc.path
                     continue
-                yield Sighting(loc.identity, loc)
+                identity = loc.identity
+                if identity in seen:
+                    # Two files with one unique part (new/X and cur/X:2,S): not a real
+                    # Maildir state; each is a message of its own, so both are scanned.
+                    identity = f"{loc.folder_path}/{sub}/{name}"
+                seen.add(loc.identity)
+                yield Sighting(identity, loc)
+            if skipped:
+                self._skipped(root, folder.folder, skipped, example)
 
-    def _skip(self, loc: Location, kind: str) -> None:
-        self.stats["skipped"] += 1
-        what = {"symlink": "a symlink", "dir": "a directory"}.get(kind, "not a regular file")
-        self.reporter.once(f"skip:{loc.path}", f"{self.name}: {loc.path}: skipped ({what}; "
-                                                "never followed or opened)")
+    def _skipped(self, root: str, folder: str, kinds: Counter[str], example: str) -> None:
+        """One line per folder (not per entry: a user can make millions), repeated only
+        when the numbers change."""
+        total = sum(kinds.values())
+        self.stats["skipped"] += total
+        what = ", ".join(f"{n} {k if k != 'other' else 'FIFO/device/socket'}"
+                         for k, n in sorted(kinds.items()))
+        where = f"{root}/{folder}" if folder else root
+        self.reporter.once(f"skip:{where}:{sorted(kinds.items())}",
+                           f"{self.name}: {where}: {total} entries skipped ({what}; never "
+                           f"followed or opened), e.g. {example}")
 
     def locate(self, row: dict) -> Sighting | None:
         folder_path, _, unique = row["identity"].rpartition("/")
@@ -180,7 +201,7 @@ class MaildirSource(Source):
 
     def job(self, sighting: Sighting, trigger: Trigger = Trigger.ARRIVAL) -> Job:
         loc: Location = sighting.data
-        info = MessageInfo(source=self.name, kind=KIND, identity=loc.identity,
+        info = MessageInfo(source=self.name, kind=KIND, identity=sighting.identity,
                            location=loc.path)
         item = MaildirItem(loc)
         job = Job(info=info, open=lambda: self._open(job), trigger=trigger, payload=item)
@@ -211,8 +232,9 @@ class MaildirSource(Source):
             if job.info.location != item.loc.path:
                 job.info = replace(job.info, location=item.loc.path)
             with os.fdopen(os.dup(opened.fd), "rb", buffering=0) as stream:
+                # shared: the owner can change it while we read; the scan uses a copy.
                 yield Opened(stream=stream, fd=opened.fd,  # type: ignore[arg-type]
-                             size=opened.st.st_size)
+                             size=opened.st.st_size, shared=True)
 
     def _find(self, loc: Location) -> Location | None:
         try:
@@ -412,7 +434,7 @@ class MaildirSource(Source):
             loc = found
             kind = "file"
         if kind != "file":
-            self._skip(loc, kind)
+            self.stats["skipped"] += 1  # reported by the sweep, once per folder
             return
         if not self.handed.claim(loc.identity, None):
             return
@@ -465,25 +487,34 @@ class MaildirSource(Source):
             return done(p, quarantine_path=moved.path, original_path=item.loc.path,
                         location=moved.path)
         assert p.target is not None
-        opened = self.broker.mailbox_open(item.loc)
-        with opened:
+        with self.broker.mailbox_open(item.loc) as opened:
             if opened.key != item.key:
                 raise UnsafeFile(f"{item.loc.path}: replaced since it was scanned; not "
                                  "touched (it will be scanned again)")
+            # What goes into the store is a private copy whose content is the content that
+            # was judged (same hash), however the owner changes their file meanwhile.
+            snap_fd, size = fsutil.snapshot(opened.fd, self.config.policy.max_size,
+                                            self.quarantine_store.directory
+                                            if os.path.isdir(self.quarantine_store.directory)
+                                            else None)
+            st = opened.st
+        with open(snap_fd, "rb", closefd=True) as copy:
+            if content_hash(copy)[0] != p.outcome.info.content_hash:
+                raise UnsafeFile(f"{item.loc.path}: its content changed since it was "
+                                 "scanned; not quarantined (it will be scanned again)")
+            copy.seek(0)
             meta = {
                 "message_id": p.message_id, "scan_id": p.scan_id, "source": self.name,
                 "kind": KIND, "root": item.loc.root, "folder": item.loc.folder,
                 "subdir": item.loc.subdir, "name": item.loc.name,
-                "owner": opened.st.st_uid, "mtime_ns": opened.st.st_mtime_ns,
+                "owner": st.st_uid, "mtime_ns": st.st_mtime_ns, "size": size,
                 "signature": p.outcome.result.signature,
                 "verdict": p.outcome.result.verdict,
                 "content_sha256": p.outcome.info.content_hash,
                 "quarantined_at": datetime.now(UTC).isoformat(),
             }
-            with os.fdopen(os.dup(opened.fd), "rb") as stream:
-                self.quarantine_store.put(p.target, stream, meta,
-                                          times_ns=(opened.st.st_atime_ns,
-                                                    opened.st.st_mtime_ns))
+            self.quarantine_store.put(p.target, copy, meta,
+                                      times_ns=(st.st_atime_ns, st.st_mtime_ns))
         try:
             self.broker.mailbox_remove(item.loc, item.key)
         except BaseException:

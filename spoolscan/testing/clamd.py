@@ -61,6 +61,7 @@ class ClamdInstance:
         user = "User root\n" if os.geteuid() == 0 else ""
         self.conf_path.write_text(
             f"LocalSocket {self.socket_path}\n"
+            "LocalSocketMode 666\n"  # the worker runs unprivileged (privilege separation)
             "Foreground yes\n"
             f"DatabaseDirectory {self.db_dir}\n"
             f"TemporaryDirectory {tmp}\n"

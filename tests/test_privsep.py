@@ -1,0 +1,151 @@
+"""Privilege separation: started as root, spoolscan reads mail as an unprivileged user,
+and a small root helper does only what needs root, for the configured places only."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import WORKER_USER, hold_source_toml, wait_until, write_config
+from mail import deliver, eicar_message, make_maildir, message
+from sqlalchemy import text
+
+from spoolscan.broker import Broker
+from spoolscan.config import SourceConfig
+from spoolscan.mailbox import Location
+from spoolscan.privsep import Helper, Policy
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (as spoolscan runs)")
+RCPT = "rcpt@spoolscan.test"
+
+
+def status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if status(int(entry.name)).get("PPid") == str(pid):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_the_worker_scans_as_the_unprivileged_user_and_still_releases_and_quarantines(
+        config, store, postfix, tmp_path):
+    worker_uid = pwd.getpwnam(WORKER_USER).pw_uid
+    box = make_maildir(tmp_path / "vmail" / "u" / "Maildir", owner=(4242, 4242))
+    in_box = deliver(box, eicar_message("in a mailbox"))
+    cfg = replace(config, policy=replace(config.policy, local_domains=("spoolscan.test",)))
+    config_file = write_config(tmp_path / "run.toml", cfg, extra=(
+        hold_source_toml(postfix.config_dir, "1s")
+        + f'\n[[source]]\nname = "mailboxes"\ntype = "maildir"\n'
+          f'paths = ["{tmp_path}/vmail/*/Maildir"]\nsweep_interval = "1s"\n'))
+    log_file = tmp_path / "run.log"
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "spoolscan", "-v", "--config",
+                                 str(config_file), "run"], stderr=log, text=True)
+    try:
+        try:
+            wait_until(lambda: not in_box.exists())  # quarantined from the mailbox
+        except TimeoutError:
+            raise AssertionError(log_file.read_text()[-3000:]) from None
+        worker = status(proc.pid)
+        assert worker["Uid"].split() == [str(worker_uid)] * 4  # real, effective, saved, fs
+        assert worker["CapEff"] == "0000000000000000" and worker["NoNewPrivs"] == "1"
+        (helper,) = children(proc.pid)
+        assert status(helper)["Uid"].split()[0] == "0"
+        assert status(helper)["Name"] == "spoolscan-priv"
+
+        clean = postfix.send(message(subject="clean"), recipients=[RCPT])
+        infected = postfix.send(eicar_message(), recipients=[RCPT])
+        delivered = postfix.wait_delivered("rcpt", 1, timeout=30)
+        wait_until(lambda: postfix.held_ids() == [])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    err = log_file.read_text()
+    assert proc.returncode == 0, err
+    assert len(delivered) == 1 and b"Subject: clean" in delivered[0].read_bytes()
+    with store.engine.connect() as conn:
+        outcomes = {r.queue_id or "maildir": (r.verdict, r.state) for r in conn.execute(
+            text("SELECT queue_id, verdict, state FROM messages"))}
+    assert outcomes == {clean: ("clean", "done"), infected: ("infected", "done"),
+                        "maildir": ("infected", "done")}
+    quarantined = sorted(Path(config.quarantine.directory).rglob("message.eml"))
+    assert len(quarantined) == 2
+    assert {p.stat().st_uid for p in quarantined} == {worker_uid}  # written by the worker
+
+
+def test_the_helper_serves_only_the_configured_places(tmp_path, postfix):
+    box = make_maildir(tmp_path / "vmail" / "u" / "Maildir")
+    other = make_maildir(tmp_path / "elsewhere" / "Maildir")
+    deliver(other, message())
+    src = SourceConfig(name="m", type="maildir", paths=(str(tmp_path / "vmail" / "*" /
+                                                            "Maildir"),))
+    hold = SourceConfig(name="p", type="postfix-hold", config_directory=str(postfix.config_dir))
+    from spoolscan.config import Config
+
+    policy = Policy.from_config(Config(sources=(src, hold)), scan_paths=[str(tmp_path / "s")])
+    helper = Helper(Broker(), policy)
+
+    def ask(op: str, *args):  # type: ignore[no-untyped-def]
+        return helper.handle({"op": op, "args": list(args)}, [])
+
+    assert ask("mailbox_listing", str(box), False).result["root"] == str(box)
+    for op, args in [
+        ("mailbox_listing", (str(other), False)),
+        ("mailbox_open", ({"root": str(other), "folder": "", "subdir": "new",
+                           "name": "x"},)),
+        ("mailbox_roots", ([str(tmp_path / "*" / "Maildir")],)),
+        ("hold_entries", ("/var/spool/postfix",)),
+        ("postsuper_release", ("/etc/postfix", ["ABC"])),
+        ("path_open", ("/etc/shadow",)),
+        ("path_entries", (str(tmp_path),)),
+    ]:
+        with pytest.raises(PermissionError):
+            ask(op, *args)
+    with pytest.raises(Exception, match="unknown operation"):
+        ask("os_system", "id")
+    assert ask("hold_entries", str(postfix.queue_dir)).result is not None
+    loc = Location(str(box), "", "new", "x")
+    assert policy.location(loc) is loc
+
+
+def test_scan_as_root_reads_the_files_named_through_the_helper(config, tmp_path):
+    secret_dir = tmp_path / "root-only"
+    secret_dir.mkdir(mode=0o700)
+    (secret_dir / "infected.eml").write_bytes(eicar_message())
+    os.chmod(secret_dir / "infected.eml", 0o600)
+    config_file = write_config(tmp_path / "scan.toml", config)
+    result = subprocess.run([sys.executable, "-m", "spoolscan", "--config", str(config_file),
+                             "scan", "--no-store", str(secret_dir)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "infected.eml: Spoolscan.Test.EICAR-NDB.UNOFFICIAL FOUND" in result.stdout
+
+
+def test_a_missing_worker_user_is_a_clear_error(config, tmp_path):
+    config_file = write_config(tmp_path / "nouser.toml", config)
+    config_file.write_text(config_file.read_text().replace(
+        f'user = "{WORKER_USER}"', 'user = "no-such-user-here"'))
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "spoolscan", "--config", str(config_file),
+                             "run", "--once"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and time.monotonic() - started < 30
+    assert "no-such-user-here" in result.stderr and "adduser" in result.stderr
