@@ -183,19 +183,24 @@ class Mailbox:
             found.append(entry.name)
         return found
 
-    def entries(self, folder: str) -> Iterator[tuple[str, fsutil.Entry]]:
-        """(subdir, entry) for every name in the folder's new/ and cur/ (dot-files
-        left out).  Entries that are not regular files are listed too: the caller
-        reports them, nothing opens them."""
+    def _message_dirs(self, folder: str) -> Iterator[tuple[str, Directory]]:
+        """("new" or "cur", the open directory) for each of them the folder has."""
         for sub in SUBDIRS:
             try:
                 d = self.subdir(folder, sub)
             except FileNotFoundError:
                 continue
             with d:
-                for entry in d.entries():
-                    if not entry.name.startswith("."):
-                        yield sub, entry
+                yield sub, d
+
+    def entries(self, folder: str) -> Iterator[tuple[str, fsutil.Entry]]:
+        """(subdir, entry) for every name in the folder's new/ and cur/ (dot-files
+        left out).  Entries that are not regular files are listed too: the caller
+        reports them, nothing opens them."""
+        for sub, d in self._message_dirs(folder):
+            for entry in d.entries():
+                if not entry.name.startswith("."):
+                    yield sub, entry
 
     # --- messages ------------------------------------------------------------------------
 
@@ -210,18 +215,13 @@ class Mailbox:
     def find(self, folder: str, unique: str) -> Location | None:
         """Where the message with this unique part is now in ``folder`` (new/ or cur/),
         if anywhere (Dovecot renames messages when they are seen or flagged)."""
-        for sub in SUBDIRS:
-            try:
-                d = self.subdir(folder, sub)
-            except FileNotFoundError:
-                continue
-            with d:
-                st = d.lstat(unique)
-                if st is not None and stat.S_ISREG(st.st_mode):
-                    return self.location(folder, sub, unique)
-                for entry in d.entries():
-                    if entry.kind == "file" and unique_part(entry.name) == unique:
-                        return self.location(folder, sub, entry.name)
+        for sub, d in self._message_dirs(folder):
+            st = d.lstat(unique)
+            if st is not None and stat.S_ISREG(st.st_mode):
+                return self.location(folder, sub, unique)
+            for entry in d.entries():
+                if entry.kind == "file" and unique_part(entry.name) == unique:
+                    return self.location(folder, sub, entry.name)
         return None
 
     # --- changes, with the owner's identity -------------------------------------------------

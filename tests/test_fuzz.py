@@ -25,7 +25,7 @@ from collections.abc import Callable
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_queuefile import KINDS
+from test_queuefile import KINDS, ptr, rec_header
 
 from spoolscan.clamd import parse_reply
 from spoolscan.content import content_hash
@@ -111,15 +111,6 @@ def _bounded(data: bytes) -> None:
     assert peak < MEMORY_LIMIT, f"{peak} bytes at the peak"
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
 def _record_starts(data: bytes) -> list[int]:
     """Offsets of the records, as far as they can be walked."""
     starts, pos = [], 0
@@ -154,12 +145,12 @@ def mutate(data: bytes, ops: list[tuple]) -> bytes:  # type: ignore[type-arg]
         elif op == "huge_length":  # a record claiming to be enormous
             starts = _record_starts(bytes(buf))
             start = starts[b % len(starts)]
-            buf[start + 1:start + 2] = _varint(0x7FFFFFFF)
+            buf[start + 1:start + 2] = rec_header("x", 0x7FFFFFFF)[1:]
         elif op == "pointer_loop":  # a pointer to itself (or to an earlier record)
             starts = _record_starts(bytes(buf))
             start = starts[b % len(starts)]
             target = starts[a % len(starts)] if starts else 0
-            buf[start:start] = b"p" + _varint(15) + b"%15d" % min(target, start)
+            buf[start:start] = ptr(min(target, start))
     return bytes(buf)
 
 

@@ -20,6 +20,7 @@ from mail import deliver, eicar_message, make_maildir, message
 from sqlalchemy import text
 from sqlalchemy.exc import DataError
 from test_hold_queue import RCPT, hold_config, message_rows, write_as_postfix
+from test_queuefile import rec
 
 from spoolscan.cli import _SafeFormatter, main
 from spoolscan.config import SourceConfig
@@ -89,15 +90,6 @@ def _with_record(real: bytes, rtype: bytes, make) -> bytes:  # type: ignore[no-u
     return real[:start] + data + real[start + length:]
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
 def test_absurd_numbers_in_queue_files_are_flagged_and_the_rest_flows(config, store,
                                                                       postfix):
     cfg = hold_config(config, postfix, max_attempts=1)
@@ -111,7 +103,7 @@ def test_absurd_numbers_in_queue_files_are_flagged_and_the_rest_flows(config, st
     write_as_postfix(hold / "B1C2D3E4F5A", _with_record(
         real, b"T", lambda n: (b"253402300800 " + b"1" * n)[:n]))
     digits = b"9" * 5000 + b" 1 1"
-    write_as_postfix(hold / "C1D2E3F4A5B", b"C" + _varint(len(digits)) + digits + real)
+    write_as_postfix(hold / "C1D2E3F4A5B", rec("C", digits) + real)
     worker = build_worker(cfg, store)
 
     worker.run_once()  # does not raise, exits normally

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -75,9 +76,9 @@ class HoldQueue:
             raise
         return d
 
-    def subdirs(self) -> list[str]:
-        """Relative names of the hash subdirectories (all levels)."""
-        found: list[str] = []
+    def _walk(self) -> Iterator[tuple[list[str], Directory, list[fsutil.Entry]]]:
+        """(hash subdirectories, the open directory, its entries) for hold/ and each hash
+        subdirectory under it (depth first)."""
         stack: list[list[str]] = [[]]
         while stack:
             dirs = stack.pop()
@@ -86,39 +87,35 @@ class HoldQueue:
             except (FileNotFoundError, UnsafeFile):
                 continue
             with d:
-                for e in d.entries():
+                entries = d.entries()
+                for e in entries:
                     if e.kind == "dir" and _HASH_DIR.fullmatch(e.name) and len(dirs) < _MAX_DEPTH:
-                        found.append("/".join([*dirs, e.name]))
                         stack.append([*dirs, e.name])
-        return found
+                yield dirs, d, entries
+
+    def subdirs(self) -> list[str]:
+        """Relative names of the hash subdirectories (all levels)."""
+        return ["/".join(dirs) for dirs, _, _ in self._walk() if dirs]
 
     def entries(self) -> tuple[list[HoldEntry], list[str]]:
         """(files in hold/ and its hash subdirectories, oldest first; names that are not
         queue files: symlinks, FIFOs, other names)."""
         found: list[HoldEntry] = []
         strange: list[str] = []
-        stack: list[list[str]] = [[]]
-        while stack:
-            dirs = stack.pop()
-            try:
-                d = self.open_dir(dirs)
-            except (FileNotFoundError, UnsafeFile):
-                continue
-            with d:
-                for e in d.entries():
-                    rel = "/".join([*dirs, e.name])
-                    if e.kind == "dir" and _HASH_DIR.fullmatch(e.name) and len(dirs) < _MAX_DEPTH:
-                        stack.append([*dirs, e.name])
-                        continue
-                    if e.name.startswith("."):
-                        continue
-                    if e.kind != "file" or not _QUEUE_ID.fullmatch(e.name):
-                        strange.append(rel)
-                        continue
-                    st = d.lstat(e.name)
-                    if st is None or not stat.S_ISREG(st.st_mode):
-                        continue
-                    found.append(HoldEntry(rel, st.st_ino, st.st_mode, st.st_mtime_ns))
+        for dirs, d, entries in self._walk():
+            for e in entries:
+                rel = "/".join([*dirs, e.name])
+                if e.kind == "dir" and _HASH_DIR.fullmatch(e.name) and len(dirs) < _MAX_DEPTH:
+                    continue  # walked by _walk
+                if e.name.startswith("."):
+                    continue
+                if e.kind != "file" or not _QUEUE_ID.fullmatch(e.name):
+                    strange.append(rel)
+                    continue
+                st = d.lstat(e.name)
+                if st is None or not stat.S_ISREG(st.st_mode):
+                    continue
+                found.append(HoldEntry(rel, st.st_ino, st.st_mode, st.st_mtime_ns))
         found.sort(key=lambda x: x.mtime_ns)
         return found, strange
 

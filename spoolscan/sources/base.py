@@ -184,6 +184,9 @@ class Source(ABC):
         self.stats: Counter[str] = Counter()
         self.handed = HandOver()
         self.reporter = Reporter(log)
+        self._stop = threading.Event()  # set: the watcher thread ends
+        self._thread: threading.Thread | None = None
+        self._watch_fd: int | None = None  # our inotify descriptor (made by the broker)
 
     # --- hooks -----------------------------------------------------------------------------
 
@@ -191,9 +194,33 @@ class Source(ABC):
     def start(self, submit: Submit) -> None:
         """Start watching; call ``submit`` for each message that arrives."""
 
-    @abstractmethod
     def stop(self) -> None:
         """Stop watching.  Arrivals not yet submitted are found by the next sweep."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        if self._watch_fd is not None:
+            self.broker.close_watcher(self._watch_fd)
+            self._watch_fd = None
+        self._forget_watches()
+
+    def _forget_watches(self) -> None:  # noqa: B027 (an optional hook: nothing by default)
+        """Hook: drop what the source knows of its watches (they are gone)."""
+
+    def _watch_in_background(self, loop: Callable[[Submit], None], submit: Submit) -> None:
+        """Get an inotify instance from the broker and run ``loop(submit)`` in a thread;
+        without one (limits reached), the sweeps alone find new mail."""
+        self._stop.clear()
+        try:
+            self._watch_fd = self.broker.watcher()
+        except OSError as exc:
+            log.error("%s: cannot watch (%s): new mail is found by the sweeps only, every "
+                      "%gs", self.name, exc, self.src.sweep_interval)
+            self._watch_fd = None
+        self._thread = threading.Thread(target=loop, args=(submit,),
+                                        name=f"watch-{self.name}", daemon=True)
+        self._thread.start()
 
     @abstractmethod
     def sightings(self) -> Iterator[Sighting]:

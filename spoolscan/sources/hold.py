@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -138,9 +137,6 @@ class HoldSource(Source):
         super().__init__(src, config, store, broker)
         self.config_dir = src.config_directory
         self.queue_dir, self.host = broker.postfix_info(self.config_dir)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._watch_fd: int | None = None
         self._watches: dict[int, str] = {}  # wd → directory relative to hold/
 
     # --- identity ---------------------------------------------------------------------------
@@ -253,18 +249,15 @@ class HoldSource(Source):
     # --- watching ----------------------------------------------------------------------------
 
     def start(self, submit: Submit) -> None:
-        self._stop.clear()
-        self._watch_fd = self.broker.watcher()
+        self._watch_in_background(self._watch_loop, submit)
         self._watch("")
         for rel in self.broker.hold_subdirs(self.queue_dir):
             self._watch(rel)
-        self._thread = threading.Thread(target=self._watch_loop, args=(submit,),
-                                        name=f"watch-{self.name}", daemon=True)
-        self._thread.start()
         log.info("%s: watching %s/hold", self.name, self.queue_dir)
 
     def _watch(self, rel: str) -> None:
-        assert self._watch_fd is not None
+        if self._watch_fd is None:
+            return
         try:
             wd = self.broker.watch_hold(self._watch_fd, self.queue_dir, rel, _WATCH_MASK)
         except (OSError, UnsafeFile) as exc:
@@ -273,18 +266,12 @@ class HoldSource(Source):
             return
         self._watches[wd] = rel
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-        if self._watch_fd is not None:
-            self.broker.close_watcher(self._watch_fd)
-            self._watch_fd = None
-            self._watches.clear()
+    def _forget_watches(self) -> None:
+        self._watches.clear()
 
     def _watch_loop(self, submit: Submit) -> None:
-        assert self._watch_fd is not None
+        if self._watch_fd is None:
+            return  # the periodic sweeps still find the mail
         reader = EventReader(self._watch_fd)
         while not self._stop.is_set():
             try:

@@ -97,11 +97,8 @@ class MaildirSource(Source):
     def __init__(self, src: SourceConfig, config: Config, store: Store, broker: Broker
                  ) -> None:
         super().__init__(src, config, store, broker)
-        self._stop = threading.Event()
         self._rescan = threading.Event()  # events were lost: sweep everything
         self._rescan_roots: set[str] = set()  # a folder appeared there: sweep that mailbox
-        self._thread: threading.Thread | None = None
-        self._watch_fd: int | None = None
         self._watch_lock = threading.Lock()
         self._roots: dict[str, _RootWatch] = {}
         self._wd: dict[int, tuple[str, str, str | None]] = {}  # wd → (root, folder, sub)
@@ -246,35 +243,18 @@ class MaildirSource(Source):
 
     def start(self, submit: Submit) -> None:
         """Watch every mailbox; submit a job for each message that arrives."""
-        self._stop.clear()
         self.handed.clear()
-        try:
-            self._watch_fd = self.broker.watcher()
-        except OSError as exc:
-            log.error("%s: cannot watch the mailboxes (%s): new mail is found by the sweeps "
-                      "only, every %gs", self.name, exc, self.src.sweep_interval)
-            self._watch_fd = None
+        self._watch_in_background(self._watch_loop, submit)
         roots = self.roots()
         for root in roots:
             listing = self._listing(root)
             if listing is not None:
                 self._sync_watches(listing)
-        self._thread = threading.Thread(target=self._watch_loop, args=(submit,),
-                                        name=f"watch-{self.name}", daemon=True)
-        self._thread.start()
         log.info("%s: watching %d of %d mailbox(es) matching %s", self.name,
                  len(self._roots), len(roots), ", ".join(self.src.paths))
 
-    def stop(self) -> None:
-        """Stop watching.  Arrivals not yet turned into jobs are found by the next sweep."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
-            self._thread = None
+    def _forget_watches(self) -> None:
         with self._watch_lock:
-            if self._watch_fd is not None:
-                self.broker.close_watcher(self._watch_fd)
-                self._watch_fd = None
             self._roots.clear()
             self._wd.clear()
 
