@@ -1,13 +1,18 @@
 """The ``spoolscan`` command.
 
-Exit codes: 0 success / all clean; 1 something found (scan: infected or unchecked) or a
-check failed (doctor); 2 error (scan could not complete, bad configuration, database or
-clamd unavailable); 64 usage error.
+Exit codes, as clamdscan's: 0 success / all clean; 1 something found (scan: infected or
+unchecked; rescan: new detections) or a check failed (doctor); 2 an error (a usage error,
+a bad configuration, the database or clamd unavailable, a scan that could not complete).
+
+Global options (``--config``, ``-v``, ``-q``, ``--log-format``) go before or after the
+command: ``spoolscan doctor --config X`` works.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
@@ -19,41 +24,7 @@ from spoolscan.config import Config, ConfigError, load_config
 
 log = logging.getLogger("spoolscan")
 
-EXIT_OK, EXIT_FOUND, EXIT_ERROR, EXIT_USAGE = 0, 1, 2, 64
-
-
-class _SafeFormatter(logging.Formatter):
-    """One line per message: control characters and undecodable bytes that came from
-    mail or from file names are escaped (spoolscan.text), so they cannot forge log lines;
-    a secret (the database password) never appears."""
-
-    def __init__(self, *args: object, secret: str | None = None, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.secret = secret
-
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging API)
-        from spoolscan.text import printable
-
-        safe = logging.makeLogRecord(record.__dict__)
-        safe.message = printable(record.message)
-        return self._scrub(super().formatMessage(safe))
-
-    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]  # noqa: N802
-        return self._scrub(super().formatException(ei))
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self.secret, "***") if self.secret else text
-
-
-def _setup_logging(verbose: int, quiet: bool, secret: str | None = None) -> None:
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_SafeFormatter("%(asctime)s spoolscan[%(process)d]: %(levelname)s "
-                                        "%(message)s", datefmt="%b %d %H:%M:%S",
-                                        secret=secret))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
-    if not verbose:
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+EXIT_OK, EXIT_FOUND, EXIT_ERROR, EXIT_USAGE = 0, 1, 2, 2
 
 
 def _open_store(config: Config, auto_create: bool = True):  # type: ignore[no-untyped-def]
@@ -103,14 +74,25 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
 def cmd_version(args: argparse.Namespace, config: Config) -> int:
     from spoolscan.clamd import ClamdClient, ClamdError
 
-    print(f"spoolscan {__version__}")
     client = ClamdClient(config.clamd)
+    info: dict[str, str | None] = {"spoolscan": __version__, "clamd": None,
+                                   "endpoint": config.clamd.endpoint, "fingerprint": None}
     try:
-        print(f"clamd {client.version()} ({config.clamd.endpoint})")
-        print(f"signature fingerprint {client.fingerprint()}")
+        info["clamd"] = client.version()
+        info["fingerprint"] = client.fingerprint()
+        code = EXIT_OK
     except ClamdError as exc:
-        print(f"clamd: unavailable: {exc}")
-        return EXIT_ERROR
+        info["error"] = str(exc)
+        code = EXIT_ERROR
+    if args.json:
+        print(json.dumps(info))
+        return code
+    print(f"spoolscan {__version__}")
+    if code != EXIT_OK:
+        print(f"clamd: unavailable: {info['error']}")
+        return code
+    print(f"clamd {info['clamd']} ({config.clamd.endpoint})")
+    print(f"signature fingerprint {info['fingerprint']}")
     return EXIT_OK
 
 
@@ -159,7 +141,9 @@ def cmd_rescan(args: argparse.Namespace, config: Config) -> int:
             print("spoolscan: clamd does not answer; nothing rescanned", file=sys.stderr)
             return EXIT_ERROR
         if args.if_signatures_changed and not store.needs_rescan(fingerprint):
-            print(f"signatures unchanged since the last rescan ({fingerprint}): nothing to do")
+            if not args.quiet:  # from cron: no mail when there is nothing to say
+                print(f"signatures unchanged since the last rescan ({fingerprint}): "
+                      "nothing to do")
             return EXIT_OK
         window = None if args.all else parse_duration(args.since or
                                                       config.schedule.rescan_window)
@@ -169,7 +153,8 @@ def cmd_rescan(args: argparse.Namespace, config: Config) -> int:
             summary = rescan(worker, since=since, source=args.source, progress=sys.stderr)
         finally:
             worker.stop()
-        print_summary(summary)
+        if not (args.quiet and summary.candidates == 0):
+            print_summary(summary)
         if summary.errors:
             return EXIT_ERROR
         return EXIT_FOUND if summary.detections else EXIT_OK
@@ -273,11 +258,11 @@ def cmd_quarantine(args: argparse.Namespace, config: Config) -> int:
 def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
     from spoolscan.doctor import run_checks
 
-    return run_checks(config)
+    return run_checks(config, as_json=args.json)
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors exit 64 (EX_USAGE): 1 and 2 mean something else to scripts."""
+    """Usage errors exit 2, as clamdscan's do (1 means "found something")."""
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -306,7 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", help="configuration file (TOML)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="warnings and errors only; no output when nothing happened")
+    parser.add_argument("--log-format", choices=("text", "json"),
+                        help="log lines as text or one JSON object per line "
+                             "(default: [log] format)")
+    parser.add_argument("--log-target", choices=("stderr", "syslog", "journal"),
+                        help="where log lines go (default: [log] target)")
     parser.add_argument("--version", action="version", version=f"spoolscan {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -396,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quarantine)
 
     p = sub.add_parser("version", help="spoolscan and clamd versions, signature fingerprint")
+    p.add_argument("--json", action="store_true", help="as one JSON object")
     p.set_defaults(func=cmd_version)
 
     p = sub.add_parser("db", help="database schema management")
@@ -406,8 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="check configuration, clamd, database, Postfix, "
                                       "permissions",
-                       description="Run every check and print one line each. Exit 0 if all "
-                                   "pass, 1 if any fails.")
+                       description="Run every check (configuration, privileges, clamd and "
+                                   "its AlertExceedsMax, whether signature updates can be "
+                                   "seen, the database, the quarantine directory, each "
+                                   "source: Maildirs matched, the Postfix HOLD rule and "
+                                   "rules that would shadow it) and print one line each, "
+                                   "with a fix for each problem. Exit 0 if all pass "
+                                   "(warnings allowed), 1 if one fails, 2 if the "
+                                   "configuration is invalid.")
+    p.add_argument("--json", action="store_true", help="the findings as a JSON array")
     p.set_defaults(func=cmd_doctor)
     return parser
 
@@ -421,17 +420,49 @@ def entry() -> None:
     sys.exit(main(privsep=True))
 
 
+_GLOBAL_FLAGS = frozenset({"-v", "--verbose", "-q", "--quiet", "-vv", "-vvv"})
+_GLOBAL_VALUES = frozenset({"--config", "--log-format", "--log-target"})
+
+
+def _hoist_global_options(argv: Sequence[str]) -> list[str]:
+    """The global options moved before the command, wherever they were written (argparse
+    only accepts them first); nothing after ``--`` is touched."""
+    front: list[str] = []
+    rest: list[str] = []
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if item == "--":
+            rest += items[i:]
+            break
+        name = item.split("=", 1)[0]
+        if item in _GLOBAL_FLAGS:
+            front.append(item)
+        elif name in _GLOBAL_VALUES:
+            front.append(item)
+            if "=" not in item and i + 1 < len(items):
+                front.append(items[i + 1])
+                i += 1
+        else:
+            rest.append(item)
+        i += 1
+    return front + rest
+
+
 def main(argv: Sequence[str] | None = None, *, privsep: bool = False) -> int:
     """Run one command.  ``privsep``: when root, split off the privileged helper and run
     the command as ``[privileges] user`` (the command line does; in-process callers keep
     their own privileges)."""
+    from spoolscan import logs
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_hoist_global_options(sys.argv[1:] if argv is None else argv))
     args.broker = None
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    _setup_logging(args.verbose, args.quiet)
+    logging.basicConfig(level=logging.WARNING, force=True)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -439,7 +470,8 @@ def main(argv: Sequence[str] | None = None, *, privsep: bool = False) -> int:
     from spoolscan.store.db import StoreError, url_password
 
     secret = url_password(config.database.url)
-    _setup_logging(args.verbose, args.quiet, secret)
+    logs.setup(config.log, verbose=args.verbose, quiet=args.quiet, secret=secret,
+               json_format=args.log_format == "json", target=args.log_target)
     try:
         if (privsep and os.geteuid() == 0 and args.command in PRIVSEP_COMMANDS
                 and config.privileges.user != "root"):
@@ -454,6 +486,12 @@ def main(argv: Sequence[str] | None = None, *, privsep: bool = False) -> int:
         return _fail(f"configuration error: {exc}", secret)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `spoolscan quarantine list | head`: not an error
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (no flush error at exit)
+        return EXIT_OK
+    except EOFError:  # a question answered by the end of input
+        return _fail("no answer (end of input); nothing was changed", secret)
     except Exception as exc:
         # Never exit 1 ("found something") because of a failure; -v shows the traceback.
         log.debug("unexpected error", exc_info=True)

@@ -44,6 +44,8 @@ class ClamdConfig:
     # Where clamd keeps its signatures.  Only used to fingerprint custom databases that
     # clamd's VERSION reply does not number (no daily.* file).
     database_directory: str = "/var/lib/clamav"
+    # clamd's own configuration, read by `spoolscan doctor` (AlertExceedsMax, limits).
+    config_file: str = "/etc/clamav/clamd.conf"
 
     @property
     def endpoint(self) -> str:
@@ -86,6 +88,39 @@ class ScheduleConfig:
     purge: str = "15 3 * * *"
 
 
+LOG_TARGETS = ("auto", "stderr", "syslog", "journal")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error")
+SYSLOG_FACILITIES = ("mail", "daemon", "user", *(f"local{i}" for i in range(8)))
+NOTIFY_EVENTS = ("infected", "retroactive", "stuck", "outbound")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    # auto: stderr on a terminal, the journal under systemd, else syslog.
+    target: str = "auto"
+    facility: str = "mail"  # syslog: beside Postfix's lines in mail.log
+    format: str = "text"  # text | json (one object per line, for log shippers)
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str | None = None  # "127.0.0.1:9466": Prometheus metrics served there
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    admin: tuple[str, ...] = ()  # who is told (nobody: no notices)
+    events: tuple[str, ...] = NOTIFY_EVENTS
+    recipients: bool = False  # also tell the recipients of quarantined inbound mail
+    digest: float = 0.0  # seconds between digests; 0: one notice per event
+    max_per_hour: int = 60  # per admin; beyond it, one digest says what was held back
+    sender: str = "postmaster"  # the notices' envelope sender and From
+    sendmail: str = "/usr/sbin/sendmail"
+    templates: str | None = None  # a directory whose files replace the built-in templates
+
+
 @dataclass(frozen=True)
 class PrivilegesConfig:
     # Started as root, spoolscan keeps a small privileged helper and runs everything that
@@ -103,6 +138,9 @@ class Config:
     sources: tuple[SourceConfig, ...] = ()
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     privileges: PrivilegesConfig = field(default_factory=PrivilegesConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     path: str | None = None  # the file this came from, None for built-in defaults
 
     def source(self, name: str) -> SourceConfig:
@@ -115,19 +153,16 @@ class Config:
 
 # --- value parsers -------------------------------------------------------------------------
 
-_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+_SIZE_UNITS = {"B": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_size(value: object) -> int:
-    """'50M' → 52428800; an int is taken as bytes. Raises ValueError."""
-    if isinstance(value, bool):
-        raise ValueError(value)
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(value)
-        return value
-    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", str(value), re.IGNORECASE)
+    """'50M' → 52428800 ('50K', '2G', '512B'; 'MB', 'MiB' too).  A bare number is refused:
+    50 could mean 50 bytes or 50 MB, and silently meaning bytes lets everything through
+    as "too large".  Raises ValueError."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGB])(?:i?B)?\s*", value if isinstance(value, str) else "",
+                     re.IGNORECASE)
     if not m or int(m.group(1)) <= 0:
         raise ValueError(value)
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
@@ -147,10 +182,32 @@ def parse_duration(value: object) -> float:
     return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
 
 
-def check_cron(expr: str) -> str:
-    """Accept a five-field crontab expression; raise ValueError otherwise."""
+_CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
+                ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug",
+                                  "sep", "oct", "nov", "dec")),
+                ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")))
+
+
+def check_cron(expr: object) -> str:
+    """A five-field crontab(5) expression, checked field by field (numbers in range,
+    ``*``, ``a-b``, ``/step``, lists, month and weekday names); ValueError naming what
+    is wrong otherwise.  Checked when the configuration is read, so that a bad schedule
+    is an error at start with the key named, not a crash later."""
     if not isinstance(expr, str) or len(expr.split()) != 5:
-        raise ValueError(expr)
+        raise ValueError(f"{expr!r}: five fields are needed (minute hour day month weekday)")
+    for text, (what, low, high, names) in zip(expr.split(), _CRON_FIELDS, strict=True):
+        for part in text.split(","):
+            rng, slash, step = part.partition("/")
+            if slash and not (step.isdigit() and int(step) > 0):
+                raise ValueError(f"{what}: bad step in {part!r}")
+            if rng == "*":
+                continue
+            bounds = rng.split("-")
+            if len(bounds) > 2 or not all(
+                    (b.isdigit() and low <= int(b) <= high) or b.lower()[:3] in names
+                    for b in bounds):
+                raise ValueError(f"{what}: {part!r} is not in {low}-{high}"
+                                 + (" or a name" if names else ""))
     return expr
 
 
@@ -176,8 +233,10 @@ class _Section:
         raw = self.data[key]
         try:
             return parse(raw)
-        except (ValueError, TypeError):
-            raise self.fail(key, f"must be {expect}, got {raw!r}") from None
+        except (ValueError, TypeError) as exc:
+            why = str(exc)
+            detail = f" ({why})" if why and why not in (str(raw), repr(raw)) else ""
+            raise self.fail(key, f"must be {expect}, got {raw!r}{detail}") from None
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
         def parse(v: object) -> str:
@@ -237,6 +296,25 @@ def _address(v: object) -> str | None:
     return s
 
 
+def _bool(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(v)
+    return v
+
+
+def _events(v: object) -> tuple[str, ...]:
+    events = _string_list(v)
+    if not set(events) <= set(NOTIFY_EVENTS):
+        raise ValueError(v)
+    return events
+
+
+def _duration_or_zero(v: object) -> float:
+    if v == 0 or v == "0":
+        return 0.0
+    return parse_duration(v)
+
+
 def _domains(v: object) -> tuple[str, ...]:
     return tuple(d.lower().lstrip("@") for d in _string_list(v))
 
@@ -251,7 +329,8 @@ def _table(data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
 def parse_config(data: Mapping[str, Any], where: str = "built-in defaults") -> Config:
     """Build a validated Config from parsed TOML data."""
     unknown = sorted(set(data) - {"database", "clamd", "quarantine", "policy", "source",
-                                   "schedule", "privileges"})
+                                   "schedule", "privileges", "log", "metrics",
+                                   "notify"})
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}] in {where}")
 
@@ -263,11 +342,13 @@ def parse_config(data: Mapping[str, Any], where: str = "built-in defaults") -> C
     clamd = ClamdConfig(
         socket=s.get("socket", ClamdConfig.socket, _optional_string, "a socket path"),
         address=s.get("address", None, _address, "'host:port'"),
-        timeout=s.get("timeout", ClamdConfig.timeout, _positive_number, "a positive number"),
+        timeout=s.get("timeout", ClamdConfig.timeout, parse_duration,
+                      "a duration such as '30s' (a bare number is seconds)"),
         concurrency=s.get("concurrency", ClamdConfig.concurrency, _positive_int,
                           "a positive integer"),
         database_directory=s.get("database_directory", ClamdConfig.database_directory,
                                  _string, "a directory path"),
+        config_file=s.get("config_file", ClamdConfig.config_file, _string, "a file path"),
     )
     s.finish()
     if not clamd.socket and not clamd.address:
@@ -289,7 +370,8 @@ def parse_config(data: Mapping[str, Any], where: str = "built-in defaults") -> C
         on_error=s.choice("on_error", "hold", VERDICT_ACTIONS_UNSAFE),
         max_attempts=s.get("max_attempts", PolicyConfig.max_attempts, _positive_int,
                            "a positive integer"),
-        max_size=s.get("max_size", PolicyConfig.max_size, parse_size, "a size such as '50M'"),
+        max_size=s.get("max_size", PolicyConfig.max_size, parse_size,
+                       "a size with its unit, such as '50M' or '512K'"),
         retry_delay=s.get("retry_delay", PolicyConfig.retry_delay, parse_duration,
                           "a duration such as '60s' or '5m'"),
     )
@@ -342,8 +424,37 @@ def parse_config(data: Mapping[str, Any], where: str = "built-in defaults") -> C
         user=s.get("user", PrivilegesConfig.user, _string, "a user name"))
     s.finish()
 
+    s = _Section("log", _table(data, "log", where), where)
+    log = LogConfig(
+        target=s.choice("target", LogConfig.target, LOG_TARGETS),
+        facility=s.choice("facility", LogConfig.facility, SYSLOG_FACILITIES),
+        format=s.choice("format", LogConfig.format, LOG_FORMATS),
+        level=s.choice("level", LogConfig.level, LOG_LEVELS),
+    )
+    s.finish()
+
+    s = _Section("metrics", _table(data, "metrics", where), where)
+    metrics = MetricsConfig(listen=s.get("listen", None, _address, "'host:port'"))
+    s.finish()
+
+    s = _Section("notify", _table(data, "notify", where), where)
+    notify = NotifyConfig(
+        admin=s.get("admin", (), _string_list, "a list of addresses"),
+        events=s.get("events", NOTIFY_EVENTS, _events, "a list of: "
+                     + ", ".join(NOTIFY_EVENTS)),
+        recipients=s.get("recipients", False, _bool, "true or false"),
+        digest=s.get("digest", 0.0, _duration_or_zero, "a duration such as '1h', or 0"),
+        max_per_hour=s.get("max_per_hour", NotifyConfig.max_per_hour, _positive_int,
+                           "a positive integer"),
+        sender=s.get("sender", NotifyConfig.sender, _string, "an address"),
+        sendmail=s.get("sendmail", NotifyConfig.sendmail, _string, "a program path"),
+        templates=s.get("templates", None, _optional_string, "a directory path"),
+    )
+    s.finish()
+
     return Config(database=database, clamd=clamd, quarantine=quarantine, policy=policy,
-                  sources=tuple(sources), schedule=schedule, privileges=privileges)
+                  sources=tuple(sources), schedule=schedule, privileges=privileges,
+                  log=log, metrics=metrics, notify=notify)
 
 
 def load_config(path: str | os.PathLike[str] | None = None,

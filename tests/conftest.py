@@ -44,7 +44,7 @@ def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClamdInstance]:
 @pytest.fixture
 def clamd_config(clamd: ClamdInstance) -> ClamdConfig:
     return ClamdConfig(socket=str(clamd.socket_path), timeout=10, concurrency=4,
-                       database_directory=str(clamd.db_dir))
+                       database_directory=str(clamd.db_dir), config_file=str(clamd.conf_path))
 
 
 # --- databases -------------------------------------------------------------------------
@@ -156,13 +156,14 @@ url = "{c.database.url}"
 timeout = {c.clamd.timeout}
 concurrency = {c.clamd.concurrency}
 database_directory = "{c.clamd.database_directory}"
+config_file = "{c.clamd.config_file}"
 
 [quarantine]
 directory = "{c.quarantine.directory}"
 
 [policy]
 local_domains = {list(c.policy.local_domains)!r}
-max_size = {c.policy.max_size}
+max_size = "{c.policy.max_size}B"
 max_attempts = {c.policy.max_attempts}
 retry_delay = {c.policy.retry_delay}
 

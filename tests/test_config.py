@@ -28,8 +28,8 @@ def test_error_names_the_key_the_value_and_the_file(tmp_path):
     path.write_text('[clamd]\ntimeout = "abc"\n')
     with pytest.raises(ConfigError) as err:
         load_config(path, environ={})
-    assert str(err.value) == (f"[clamd] timeout must be a positive number, got 'abc' "
-                              f"in {path}")
+    assert str(err.value) == (f"[clamd] timeout must be a duration such as '30s' (a bare "
+                              f"number is seconds), got 'abc' in {path}")
 
 
 def test_unknown_key_is_an_error_that_lists_known_keys(tmp_path):
@@ -87,7 +87,8 @@ def test_duplicate_source_names_are_rejected(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "expected"), [("50M", 50 * 2**20), ("1k", 1024),
-                                                 ("2G", 2 * 2**30), (123, 123)])
+                                                 ("2G", 2 * 2**30), ("123B", 123),
+                                                 ("50MB", 50 * 2**20), ("4MiB", 4 * 2**20)])
 def test_sizes_are_parsed(text, expected):
     assert parse_size(text) == expected
 
@@ -98,7 +99,40 @@ def test_durations_are_parsed(text, expected):
     assert parse_duration(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["", "-1", "5x", "0"])
+@pytest.mark.parametrize("bad", ["", "-1", "5x", "0", 50, "50", 0])
 def test_bad_sizes_are_rejected(bad):
     with pytest.raises(ValueError):
         parse_size(bad)
+
+
+def test_a_bare_number_as_a_size_is_refused_with_the_key_named(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text("[policy]\nmax_size = 50\n")
+    with pytest.raises(ConfigError, match=r"\[policy\] max_size must be a size with its unit"):
+        load_config(path, environ={})
+
+
+def test_durations_are_accepted_everywhere_in_one_syntax(tmp_path):
+    path = tmp_path / "d.toml"
+    path.write_text('[clamd]\ntimeout = "30s"\n[policy]\nretry_delay = "2m"\n')
+    config = load_config(path, environ={})
+    assert (config.clamd.timeout, config.policy.retry_delay) == (30.0, 120.0)
+
+
+@pytest.mark.parametrize(("expr", "why"), [("61 * * * *", "minute"), ("* 24 * * *", "hour"),
+                                           ("* * * * funday", "day of week"),
+                                           ("*/0 * * * *", "step"), ("* * *", "five fields")])
+def test_bad_cron_expressions_are_refused_at_load_with_the_key_named(tmp_path, expr, why):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[schedule]\nnightly_rescan = "{expr}"\n')
+    with pytest.raises(ConfigError, match=r"\[schedule\] nightly_rescan") as err:
+        load_config(path, environ={})
+    assert why in str(err.value)
+
+
+def test_good_cron_expressions_pass():
+    from spoolscan.config import check_cron
+
+    for expr in ("*/10 * * * *", "30 2 * * 1-5", "0 3 * jan,jul sun", "15 3 1,15 * *",
+                 "0 0 * * 7"):
+        assert check_cron(expr) == expr

@@ -22,8 +22,9 @@ from sqlalchemy.exc import DataError
 from test_hold_queue import RCPT, hold_config, message_rows, write_as_postfix
 from test_queuefile import rec
 
-from spoolscan.cli import _SafeFormatter, main
+from spoolscan.cli import main
 from spoolscan.config import SourceConfig
+from spoolscan.logs import TextFormatter
 from spoolscan.model import MessageInfo
 from spoolscan.runner import build_worker
 from spoolscan.store.repo import ScanRecord
@@ -239,7 +240,7 @@ def test_csv_cells_that_look_like_formulas_are_neutralised(store, config_file, c
 
 
 def test_log_lines_escape_control_characters_and_undecodable_bytes():
-    formatter = _SafeFormatter("%(levelname)s %(message)s", secret=PASSWORD)
+    formatter = TextFormatter("%(levelname)s %(message)s", secret=PASSWORD)
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "%s: verdict=clean", (
         os.fsdecode(b"/m/new/a\nINFO forged\x1b[2J\xff " + PASSWORD.encode()),), None)
     line = formatter.format(record)

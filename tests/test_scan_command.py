@@ -184,12 +184,12 @@ def test_cached_verdicts_are_stamped_with_the_signature_fingerprint(capsys, conf
     assert all(fp and fp.startswith("ClamAV") for _, fp in rows)
 
 
-def test_usage_errors_exit_64(capsys, config_file):
+def test_usage_errors_exit_2_as_clamdscan(capsys, config_file):
     import pytest as _pytest
 
     with _pytest.raises(SystemExit) as exit_:
         main(["--config", str(config_file), "rescan", "--since", "soon"])
-    assert exit_.value.code == 64
+    assert exit_.value.code == 2
     assert "not a duration" in capsys.readouterr().err
 
 

@@ -27,10 +27,12 @@ def header_checks(pf) -> str:
 
 
 def test_dry_run_changes_nothing(plain_postfix, capsys):
+    before = (plain_postfix.config_dir / "main.cf").read_bytes()
     assert setup_postfix(str(plain_postfix.config_dir), uninstall=False, dry_run=True,
                          yes=False) == 0
     assert header_checks(plain_postfix) == ""
-    assert "postconf" in capsys.readouterr().out
+    assert (plain_postfix.config_dir / "main.cf").read_bytes() == before
+    assert "append to" in capsys.readouterr().out
 
 
 def test_declining_changes_nothing(plain_postfix):
@@ -54,12 +56,36 @@ def test_setup_makes_postfix_hold_mail_and_uninstall_undoes_it(plain_postfix):
     assert not (conf / TABLE_NAME).exists()
 
 
-def test_existing_header_checks_are_kept(plain_postfix):
+def test_the_sites_rules_still_fire_ours_too_and_uninstall_restores_the_bytes(
+        plain_postfix, capsys):
     conf = plain_postfix.config_dir
-    (conf / "site_checks").write_text("/^Subject: spam/ REJECT\n")
+    (conf / "site_checks").write_text("/^Subject:.*spam/ REJECT no spam here\n"
+                                      "/^Subject:.*tagme/ PREPEND X-Site: tagged\n")
     plain_postfix.postconf(header_checks=f"regexp:{conf}/site_checks")
-    setup_postfix(str(conf), uninstall=False, dry_run=False, yes=True)
+    main_cf = (conf / "main.cf").read_bytes()
+    table = (conf / "site_checks").read_bytes()
+
+    assert setup_postfix(str(conf), uninstall=False, dry_run=False, yes=True) == 0
+    # The site's table first, ours last: the site's rules decide first.
     assert header_checks(plain_postfix) == \
-        f"regexp:{conf}/{TABLE_NAME}, regexp:{conf}/site_checks"
-    setup_postfix(str(conf), uninstall=True, dry_run=False, yes=True)
-    assert header_checks(plain_postfix) == f"regexp:{conf}/site_checks"
+        f"regexp:{conf}/site_checks, regexp:{conf}/{TABLE_NAME}"
+    assert "WARNING" not in capsys.readouterr().out
+    with pytest.raises(Exception, match="no spam here"):  # the site's REJECT still fires
+        plain_postfix.send(message(subject="buy spam"))
+    qid = plain_postfix.send(message(subject="please tagme"))
+    assert plain_postfix.wait_held(1) == [qid]  # ...and ours holds what they let through
+    assert b"X-Site: tagged" in plain_postfix.postcat(qid)
+
+    assert setup_postfix(str(conf), uninstall=True, dry_run=False, yes=True) == 0
+    assert (conf / "main.cf").read_bytes() == main_cf  # byte for byte
+    assert (conf / "site_checks").read_bytes() == table
+    assert not (conf / TABLE_NAME).exists()
+
+
+def test_a_site_rule_that_would_keep_mail_from_being_held_is_named(plain_postfix, capsys):
+    conf = plain_postfix.config_dir
+    (conf / "site_checks").write_text("# log every relay\n/^Received:/ WARN relayed\n")
+    plain_postfix.postconf(header_checks=f"regexp:{conf}/site_checks")
+    assert setup_postfix(str(conf), uninstall=False, dry_run=True, yes=False) == 0
+    out = capsys.readouterr().out
+    assert "WARNING" in out and "site_checks line 2" in out and "never held" in out
