@@ -8,12 +8,15 @@ PY := $(VENV)/bin/python
 # separation) and must be able to read its interpreter and standard library.
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 
-.PHONY: all deps venv test run bench fuzz lint clean
+.PHONY: all deps demo-deps venv test run bench fuzz lint man clean
 
 all: test
 
 deps:
-	@scripts/install-deps
+	@scripts/install-deps test
+
+demo-deps:
+	@scripts/install-deps demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +30,9 @@ test: deps venv
 	@scripts/start-postgres
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-run: deps venv
-	@$(PY) -m spoolscan.demo
+# ARGS=--forever keeps the worker (and the demo's clamd) running afterwards.
+run: demo-deps venv
+	@$(PY) -m spoolscan.demo $(ARGS)
 
 # The parsers of untrusted input, 100,000 random examples per target (examples/s at the end).
 fuzz: deps venv
@@ -38,6 +42,10 @@ fuzz: deps venv
 
 bench: deps venv
 	$(PY) bench/scan_maildir
+
+# spoolscan(1) from the argument parser (tests/test_cli_docs.py checks it is current).
+man: venv
+	$(PY) -m spoolscan.manpage > docs/spoolscan.1
 
 lint: venv
 	$(VENV)/bin/ruff check spoolscan tests bench

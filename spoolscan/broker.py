@@ -55,6 +55,9 @@ class Broker:
     def __init__(self) -> None:
         self._watchers: dict[int, INotify] = {}
 
+    def reload(self) -> None:
+        """Nothing to do in-process (the privileged helper re-reads its configuration)."""
+
     def close(self) -> None:
         for inotify in self._watchers.values():
             inotify.close()

@@ -65,7 +65,8 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
     try:
         return scan_paths(service, args.paths, concurrency=config.clamd.concurrency,
                           as_json=args.json, sources=config.sources, policy=config.policy,
-                          broker=args.broker)
+                          broker=args.broker, infected_only=args.infected,
+                          summary=not args.no_summary)
     finally:
         if store is not None:
             store.close()
@@ -117,7 +118,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
     store = _open_store(config)
     try:
-        return run(config, store, once=args.once, broker=args.broker)
+        return run(config, store, once=args.once, broker=args.broker,
+                   on_reload=lambda new: _setup_logs(args, new))
     finally:
         store.close()
 
@@ -243,16 +245,35 @@ def cmd_quarantine(args: argparse.Namespace, config: Config) -> int:
                         print("\n" + q.headers(config, entry, args.broker) + "\n")
                 elif args.q_command == "release":
                     where = q.release(store, config, entry, args.broker)
-                    print(f"{message_id}: released to {printable(where)}")
+                    _done(args, message_id, "released", f"released to {printable(where)}",
+                          to=where)
                 elif args.q_command == "delete":
                     q.delete(store, config, entry, args.broker)
-                    print(f"{message_id}: deleted")
+                    _done(args, message_id, "deleted", "deleted")
             except (q.QuarantineError, OSError) as exc:
-                print(f"spoolscan: {exc}", file=sys.stderr)
+                if args.json:
+                    print(json.dumps({"id": message_id, "ok": False, "error": str(exc)}))
+                print(f"spoolscan: {printable(str(exc))}", file=sys.stderr)
                 status = EXIT_ERROR
         return status
     finally:
         store.close()
+
+
+def _done(args: argparse.Namespace, message_id: int, result: str, text: str,
+          **fields: object) -> None:
+    """One line per message acted on: text, or a JSON object with ``--json``."""
+    if args.json:
+        print(json.dumps({"id": message_id, "ok": True, "result": result, **fields}))
+    else:
+        print(f"{message_id}: {text}")
+
+
+def cmd_completion(args: argparse.Namespace, config: Config) -> int:
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return EXIT_OK
 
 
 def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
@@ -309,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per message (path, verdict, signature, "
                         "sha256, size, duration_ms, cached)")
+    p.add_argument("-i", "--infected", action="store_true",
+                   help="print only messages that are not clean (infected, unchecked, "
+                        "errors), as clamdscan --infected")
+    p.add_argument("--no-summary", action="store_true",
+                   help="no summary at the end (as clamdscan --no-summary)")
     p.add_argument("--no-store", action="store_true", help="do not record verdicts in the "
                                                            "database")
     p.add_argument("--no-cache", action="store_true",
@@ -396,6 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
     dbsub.add_parser("status", help="show the schema revision; exit 1 if not current")
     p.set_defaults(func=cmd_db)
 
+    p = sub.add_parser("completion", help="print a shell completion script",
+                       description="Print the completion script for SHELL, generated from "
+                                   "this parser. bash: spoolscan completion bash > "
+                                   "/etc/bash_completion.d/spoolscan; zsh: spoolscan "
+                                   "completion zsh > \"${fpath[1]}/_spoolscan\".")
+    p.add_argument("shell", choices=("bash", "zsh", "tcsh"), metavar="SHELL",
+                   help="bash, zsh or tcsh")
+    p.set_defaults(func=cmd_completion)
+
     p = sub.add_parser("doctor", help="check configuration, clamd, database, Postfix, "
                                       "permissions",
                        description="Run every check (configuration, privileges, clamd and "
@@ -454,7 +489,6 @@ def main(argv: Sequence[str] | None = None, *, privsep: bool = False) -> int:
     """Run one command.  ``privsep``: when root, split off the privileged helper and run
     the command as ``[privileges] user`` (the command line does; in-process callers keep
     their own privileges)."""
-    from spoolscan import logs
 
     parser = build_parser()
     args = parser.parse_args(_hoist_global_options(sys.argv[1:] if argv is None else argv))
@@ -470,8 +504,7 @@ def main(argv: Sequence[str] | None = None, *, privsep: bool = False) -> int:
     from spoolscan.store.db import StoreError, url_password
 
     secret = url_password(config.database.url)
-    logs.setup(config.log, verbose=args.verbose, quiet=args.quiet, secret=secret,
-               json_format=args.log_format == "json", target=args.log_target)
+    _setup_logs(args, config)
     try:
         if (privsep and os.geteuid() == 0 and args.command in PRIVSEP_COMMANDS
                 and config.privileges.user != "root"):
@@ -496,6 +529,16 @@ def main(argv: Sequence[str] | None = None, *, privsep: bool = False) -> int:
         # Never exit 1 ("found something") because of a failure; -v shows the traceback.
         log.debug("unexpected error", exc_info=True)
         return _fail(f"error: {exc.__class__.__name__}: {exc}", secret)
+
+
+def _setup_logs(args: argparse.Namespace, config: Config) -> None:
+    """Logging as the configuration says, the command line's options winning."""
+    from spoolscan import logs
+    from spoolscan.store.db import url_password
+
+    logs.setup(config.log, verbose=args.verbose, quiet=args.quiet,
+               secret=url_password(config.database.url),
+               json_format=args.log_format == "json", target=args.log_target)
 
 
 def _fail(message: str, secret: str | None = None) -> int:

@@ -102,6 +102,7 @@ class LogConfig:
     facility: str = "mail"  # syslog: beside Postfix's lines in mail.log
     format: str = "text"  # text | json (one object per line, for log shippers)
     level: str = "info"
+    syslog_socket: str = "/dev/log"  # target = "syslog": where the syslog daemon listens
 
 
 @dataclass(frozen=True)
@@ -430,6 +431,7 @@ def parse_config(data: Mapping[str, Any], where: str = "built-in defaults") -> C
         facility=s.choice("facility", LogConfig.facility, SYSLOG_FACILITIES),
         format=s.choice("format", LogConfig.format, LOG_FORMATS),
         level=s.choice("level", LogConfig.level, LOG_LEVELS),
+        syslog_socket=s.get("syslog_socket", LogConfig.syslog_socket, _string, "a path"),
     )
     s.finish()
 

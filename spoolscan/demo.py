@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         spoolscan(["--config", str(config), "quarantine", "list"])
         print(f"\nThe store is {root / 'spoolscan.db'}; try:\n"
               f"  sqlite3 {root / 'spoolscan.db'} \"SELECT * FROM v_scans\"\n"
-              f"  .venv/bin/spoolscan --config {config} run      # keep watching")
+              f"  make run ARGS=--forever      # the same, then keep watching "
+              f"(Ctrl-C stops it)")
         if args.forever:
             return spoolscan(["--config", str(config), "run"])
         return 0

@@ -178,7 +178,7 @@ def setup(config: LogConfig, *, verbose: int = 0, quiet: bool = False,
     if chosen == "journal":
         handler = JournalHandler(config.facility)
     elif chosen == "syslog":
-        handler = SyslogHandler(config.facility)
+        handler = SyslogHandler(config.facility, config.syslog_socket)
     else:
         handler = logging.StreamHandler(sys.stderr)
     if json_format or config.format == "json":

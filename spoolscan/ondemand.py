@@ -232,8 +232,12 @@ def scan_paths(service: ScanService, paths: list[str], *, concurrency: int,
                as_json: bool = False, out: TextIO | None = None,
                err: TextIO | None = None, trigger: Trigger = Trigger.MANUAL,
                sources: Sequence[SourceConfig] = (),
-               policy: PolicyConfig | None = None, broker: Broker | None = None) -> int:
+               policy: PolicyConfig | None = None, broker: Broker | None = None,
+               infected_only: bool = False, summary: bool = True) -> int:
     """Scan ``paths``, print a line (or JSON object) per message and a summary.
+
+    ``infected_only``: lines only for messages that are not clean (infected, unchecked,
+    errors), as ``clamdscan --infected``; ``summary``: the closing summary.
 
     Returns the exit status.  Verdicts are stored in batches when the service has a store.
     """
@@ -262,9 +266,12 @@ def scan_paths(service: ScanService, paths: list[str], *, concurrency: int,
     jobs = (job_for(t, broker, trigger) for t in finder.targets(paths))
     for outcome in run_jobs(service, jobs, concurrency):
         tally.add(outcome)
-        if out.isatty():  # the bar shares the terminal with the result lines
-            progress.clear()
-        print(format_json(outcome) if as_json else format_line(outcome), file=out, flush=True)
+        if not (infected_only and outcome.unavailable is None
+                and outcome.result.verdict == CLEAN):
+            if out.isatty():  # the bar shares the terminal with the result lines
+                progress.clear()
+            print(format_json(outcome) if as_json else format_line(outcome), file=out,
+                  flush=True)
         progress.update(tally.scanned, f"{tally.counts[INFECTED]} infected, "
                                        f"{tally.cached} cached")
         if store is not None and outcome.unavailable is None:
@@ -278,13 +285,15 @@ def scan_paths(service: ScanService, paths: list[str], *, concurrency: int,
     flush()
     progress.clear()
     elapsed = time.monotonic() - started
-    summary = (
+    if not summary:
+        return tally.exit_code
+    text = (
         f"scanned {tally.scanned} messages ({tally.cached} from cache) in {elapsed:.2f}s: "
         f"{tally.counts[CLEAN]} clean, {tally.counts[INFECTED]} infected, "
         f"{tally.counts[UNCHECKED]} unchecked, {tally.counts[ERROR]} errors"
     )
     if as_json:
-        print(summary, file=err)
+        print(text, file=err)
     else:
-        print(f"----------- SCAN SUMMARY -----------\n{summary}", file=out)
+        print(f"----------- SCAN SUMMARY -----------\n{text}", file=out)
     return tally.exit_code

@@ -23,9 +23,10 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
@@ -48,6 +49,9 @@ from spoolscan.scan import ScanService
 from spoolscan.sources.base import Source
 from spoolscan.store.repo import ActionRecord, ScanRecord, Store, utcnow
 from spoolscan.text import printable
+
+if TYPE_CHECKING:
+    from spoolscan.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,24 @@ def log_failure(logger: logging.Logger, what: str, exc: Exception) -> None:
         logger.exception("%s", what)
 
 
+def line_level(p: Pending, record: ActionRecord) -> int:
+    """A failed action is an error; a detection, something unchecked or stuck a warning
+    (``journalctl -p warning`` shows them); a clean message information."""
+    if record.outcome == ActionOutcome.FAILED:
+        return logging.ERROR
+    if p.outcome.result.verdict != Verdict.CLEAN or p.decision.state == State.STUCK:
+        return logging.WARNING
+    return logging.INFO
+
+
+def line_fields(p: Pending) -> dict[str, object]:
+    """The fields of the per-message line, for the journal and JSON logs."""
+    info = p.outcome.info
+    return {"queue_id": info.queue_id, "verdict": str(p.outcome.result.verdict),
+            "signature": p.outcome.result.signature, "action": str(p.decision.action),
+            "source": info.source, "message_id": getattr(info, "message_id", None)}
+
+
 def log_line(p: Pending, record: ActionRecord | None) -> str:
     """One line per message, queue ID (or path) first, like Postfix's own logs."""
     o, r = p.outcome, p.outcome.result
@@ -89,7 +111,15 @@ def log_line(p: Pending, record: ActionRecord | None) -> str:
     if info.direction:
         parts.append(f"direction={info.direction}")
     if info.kind == "postfix-hold":
-        parts.append(f"from=<{printable(info.sender or '')}> nrcpt={len(info.recipients)}")
+        shown = ",".join(f"<{r}>" for r in info.recipients[:5])
+        more = f",+{len(info.recipients) - 5}" if len(info.recipients) > 5 else ""
+        parts.append(f"from=<{printable(info.sender or '')}> to={printable(shown)}{more} "
+                     f"nrcpt={len(info.recipients)}")
+    message_id = getattr(info, "message_id", None)
+    if message_id:
+        parts.append(f"message-id={printable(message_id)}")
+    if info.size is not None:
+        parts.append(f"size={info.size}")
     if o.job.trigger != Trigger.ARRIVAL:
         parts.append(f"trigger={o.job.trigger}")
     if p.retroactive:
@@ -108,12 +138,17 @@ class Worker:
     """Runs the pipeline for a set of sources.  See the module docstring."""
 
     def __init__(self, config: Config, store: Store, client: ClamdClient,
-                 sources: Iterable[Source]) -> None:
+                 sources: Iterable[Source], metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.store = store
         self.service = ScanService(client=client, store=store,
                                    snapshot_dir=config.quarantine.directory)
         self.sources = {s.name: s for s in sources}
+        # Sources a reload removed: messages they found may still be in flight, and the
+        # source that found a message is the one that acts on it.
+        self._retired: dict[str, Source] = {}
+        self.heartbeat = time.monotonic()  # the commit loop's last turn (systemd watchdog)
         self.stats: Counter[str] = Counter()
         # None in either queue only wakes its reader (see stop()).
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=JOB_QUEUE_SIZE)
@@ -173,6 +208,7 @@ class Worker:
 
     def _commit_loop(self) -> None:
         while True:
+            self.heartbeat = time.monotonic()
             if self._halt.is_set() and self.in_pipeline() == 0:
                 return
             try:
@@ -221,7 +257,7 @@ class Worker:
         by_record = {id(r): o for r, o in zip(records, scanned, strict=True)}
 
         def plan(record: ScanRecord, prior: Prior):  # type: ignore[no-untyped-def]
-            source = self.sources.get(record.message.source)
+            source = self._source(record.message.source)
             return decide(by_record[id(record)].result, held=bool(source and source.held),
                           prior=prior, policy=self.config.policy, now=now)
 
@@ -232,6 +268,8 @@ class Worker:
             # Invariant: no verdict committed, no action.  The mail stays where it is.
             if is_outage(exc):
                 self.stats["database_errors"] += len(records)
+                if self.metrics is not None:
+                    self.metrics.database_errors.inc()
                 log_failure(log, f"{len(records)} verdict(s) not recorded; they will be "
                                  "scanned again", exc)
                 self._not_recorded(scanned)
@@ -248,11 +286,20 @@ class Worker:
         for p in pending:
             by_source.setdefault(p.outcome.info.source, []).append(p)
         for name, items in by_source.items():
-            self._act(self.sources.get(name), items)
+            self._act(self._source(name), items)
+
+    def _source(self, name: str) -> Source | None:
+        return self.sources.get(name) or self._retired.get(name)
 
     def _act(self, source: Source | None, items: list[Pending]) -> None:
-        acting = [p for p in items if p.decision.acts and source is not None]
+        acting = [p for p in items if p.decision.acts]
         results: dict[int, ActionRecord] = {}
+        if acting and source is None:  # cannot happen; if it does, not "done"
+            for p in acting:
+                results[p.message_id] = ActionRecord(
+                    p.message_id, p.scan_id, p.decision.action, ActionOutcome.FAILED,
+                    "its source is no longer configured", state=State.RETRY)
+            acting = []
         if acting and source is not None:
             for p in acting:
                 if p.decision.action == Action.QUARANTINE:
@@ -290,11 +337,7 @@ class Worker:
                 record = found
             records.append(record)
             self._count(p, record)
-            line = log_line(p, record)
-            if p.decision.state == State.STUCK or record.outcome == ActionOutcome.FAILED:
-                log.warning(line)
-            else:
-                log.info(line)
+            log.log(line_level(p, record), "%s", log_line(p, record), extra=line_fields(p))
             if (p.outcome.result.verdict == Verdict.INFECTED
                     and p.outcome.info.direction in ("outbound", "internal")):
                 log.warning("%s: infected mail sent by local sender <%s>: the account may be "
@@ -370,6 +413,18 @@ class Worker:
         return replace(record, state=retry.state, next_attempt_at=retry.next_attempt_at)
 
     def _count(self, p: Pending, record: ActionRecord) -> None:
+        if self.metrics is not None:
+            m, source = self.metrics, p.outcome.info.source
+            m.messages.labels(source, str(p.outcome.result.verdict),
+                              str(p.decision.action)).inc()
+            if p.outcome.cached:
+                m.cached.labels(source).inc()
+            elif p.outcome.result.duration_ms:
+                m.scan_seconds.labels(source).observe(p.outcome.result.duration_ms / 1000)
+            if p.retroactive:
+                m.retroactive.labels(source).inc()
+            if record.outcome == ActionOutcome.FAILED:
+                m.failed_actions.labels(source, str(p.decision.action)).inc()
         self.stats["scanned"] += 1
         self.stats[p.outcome.result.verdict] += 1
         if p.outcome.cached:
@@ -465,23 +520,53 @@ class Worker:
         self.wait_idle()
         self.stop()
 
-    def run_forever(self, stop: threading.Event, scheduler: object | None = None) -> None:
+    def reconfigure(self, config: Config, client: ClamdClient,
+                    sources: Iterable[Source]) -> None:
+        """Switch to a new configuration (SIGHUP) without dropping work: sources that
+        are new or changed start watching (and are swept at the next turn of
+        :meth:`run_forever`), removed ones stop; messages in flight finish with the
+        source that found them.  The scan pool's size is the one set at start-up."""
+        new = {s.name: s for s in sources}
+        for name, old in list(self.sources.items()):
+            if name in new and new[name].src == old.src:
+                new[name] = old  # unchanged: keep its watches and state
+                continue
+            try:
+                old.stop()
+            except Exception:
+                log.exception("%s: error while stopping", name)
+            self._retired[name] = old
+        self.config = config
+        self.service.client = client
+        self.service.fingerprints.client = client
+        started = [s for name, s in new.items() if self.sources.get(name) is not s]
+        self.sources = new
+        for source in started:
+            self._retired.pop(source.name, None)
+            source.start(self.submit)
+
+    def run_forever(self, stop: threading.Event,
+                    every: Callable[[], None] | None = None) -> None:
         """Run until ``stop`` is set: watchers, plus a sweep of each source at start-up
-        and every ``sweep_interval`` seconds (missed events, retries, reconciliation)."""
+        and every ``sweep_interval`` seconds (missed events, retries, reconciliation).
+        ``every`` is called from this thread about twice a second (reloads, systemd)."""
         self._stop_requested = stop
         self.start()
-        intervals = {s.name: s.src.sweep_interval for s in self.sources.values()}
-        next_sweep = {name: 0.0 for name in self.sources}
+        next_sweep: dict[int, float] = {}  # by id(source): a replaced source is swept anew
         while not stop.is_set():
-            now = time.monotonic()
-            for name, source in self.sources.items():
-                if now >= next_sweep[name]:
+            for name, source in list(self.sources.items()):
+                if time.monotonic() >= next_sweep.get(id(source), 0.0):
                     try:
                         self.sweep(source)
                     except Exception as exc:
                         log_failure(log, f"{name}: sweep failed, retrying at the next "
                                          "interval", exc)
-                    next_sweep[name] = time.monotonic() + intervals.get(name, 30.0)
+                    next_sweep[id(source)] = time.monotonic() + source.src.sweep_interval
+            if every is not None:
+                try:
+                    every()
+                except Exception:
+                    log.exception("unexpected error in the main loop; carrying on")
             stop.wait(0.5)
         log.info("stopping: finishing %d message(s) in flight", self.in_pipeline())
         self.stop()

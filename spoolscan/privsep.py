@@ -257,10 +257,16 @@ class _Reply:
 class Helper:
     """Serves the worker's requests with a local Broker, within the Policy."""
 
-    def __init__(self, broker: Broker, policy: Policy) -> None:
+    def __init__(self, broker: Broker, policy: Policy, config_path: str | None = None,
+                 scan_paths: Sequence[str] = ()) -> None:
         self.broker = broker
         self.policy = policy
-        p, b = policy, broker
+        self.config_path = config_path
+        self.scan_paths = tuple(scan_paths)
+        b = broker
+
+        def p() -> Policy:  # the policy in force now (a reload replaces it)
+            return self.policy
 
         def opened(f: OpenFile) -> _Reply:
             return _Reply(True, [f.fd])
@@ -270,42 +276,52 @@ class Helper:
                     "folders": [[f.folder, [list(e) for e in f.entries]] for f in m.folders]}
 
         self.ops: dict[str, Callable[..., Any]] = {
-            "mailbox_roots": lambda pats: list(b.mailbox_roots(p.pattern_list(pats))),
-            "mailbox_listing": lambda root, q: listing(b.mailbox_listing(p.root(root), q)),
-            "mailbox_open": lambda loc: opened(b.mailbox_open(p.location(_loc(loc)))),
-            "mailbox_kind": lambda loc: b.mailbox_kind(p.location(_loc(loc))),
+            "mailbox_roots": lambda pats: list(b.mailbox_roots(p().pattern_list(pats))),
+            "mailbox_listing": lambda root, q: listing(b.mailbox_listing(p().root(root), q)),
+            "mailbox_open": lambda loc: opened(b.mailbox_open(p().location(_loc(loc)))),
+            "mailbox_kind": lambda loc: b.mailbox_kind(p().location(_loc(loc))),
             "mailbox_find": lambda root, folder, unique: _loc_json(
-                b.mailbox_find(p.root(root), folder, unique)),
+                b.mailbox_find(p().root(root), folder, unique)),
             "mailbox_quarantine": lambda loc, key: _loc_json(
-                b.mailbox_quarantine(p.location(_loc(loc)), _key(key))),  # type: ignore[arg-type]
-            "mailbox_remove": lambda loc, key: b.mailbox_remove(p.location(_loc(loc)),
+                b.mailbox_quarantine(p().location(_loc(loc)), _key(key))),  # type: ignore[arg-type]
+            "mailbox_remove": lambda loc, key: b.mailbox_remove(p().location(_loc(loc)),
                                                                 _key(key)),
             "mailbox_move_back": lambda loc, folder, key: _loc_json(
-                b.mailbox_move_back(p.location(_loc(loc)), folder, _key(key))),
-            "path_kind": lambda path: b.path_kind(p.path(path)),
-            "path_entries": lambda path: [list(e) for e in b.path_entries(p.path(path))],
-            "path_open": lambda path: opened(b.path_open(p.path(path))),
-            "postfix_info": lambda cd: list(b.postfix_info(p.config_dir(cd))),
+                b.mailbox_move_back(p().location(_loc(loc)), folder, _key(key))),
+            "path_kind": lambda path: b.path_kind(p().path(path)),
+            "path_entries": lambda path: [list(e) for e in b.path_entries(p().path(path))],
+            "path_open": lambda path: opened(b.path_open(p().path(path))),
+            "postfix_info": lambda cd: list(b.postfix_info(p().config_dir(cd))),
             "hold_entries": lambda qd: (lambda r: [[_entry_json(e) for e in r[0]], r[1]])(
-                b.hold_entries(p.queue_dir(qd))),
-            "hold_subdirs": lambda qd: b.hold_subdirs(p.queue_dir(qd)),
-            "hold_stat": lambda qd, rel: _entry_json(b.hold_stat(p.queue_dir(qd), rel)),
-            "hold_open": lambda qd, rel: opened(b.hold_open(p.queue_dir(qd), rel)),
-            "hold_find": lambda qd, qid: b.hold_find(p.queue_dir(qd), qid),
+                b.hold_entries(p().queue_dir(qd))),
+            "hold_subdirs": lambda qd: b.hold_subdirs(p().queue_dir(qd)),
+            "hold_stat": lambda qd, rel: _entry_json(b.hold_stat(p().queue_dir(qd), rel)),
+            "hold_open": lambda qd, rel: opened(b.hold_open(p().queue_dir(qd), rel)),
+            "hold_find": lambda qd, qid: b.hold_find(p().queue_dir(qd), qid),
             "postsuper_release": lambda cd, ids: sorted(
-                b.postsuper_release(p.config_dir(cd), ids)),
+                b.postsuper_release(p().config_dir(cd), ids)),
             "postsuper_delete": lambda cd, ids: sorted(
-                b.postsuper_delete(p.config_dir(cd), ids)),
-            "wake_qmgr": lambda qd: b.wake_qmgr(p.queue_dir(qd)),
-            "flush": lambda cd, ids: b.flush(p.config_dir(cd), ids),
+                b.postsuper_delete(p().config_dir(cd), ids)),
+            "wake_qmgr": lambda qd: b.wake_qmgr(p().queue_dir(qd)),
+            "flush": lambda cd, ids: b.flush(p().config_dir(cd), ids),
             "watcher": lambda: (lambda fd: _Reply(fd, [os.dup(fd)]))(b.watcher()),
             "close_watcher": b.close_watcher,
-            "watch_hold": lambda wid, qd, rel, mask: b.watch_hold(wid, p.queue_dir(qd), rel,
+            "watch_hold": lambda wid, qd, rel, mask: b.watch_hold(wid, p().queue_dir(qd), rel,
                                                                   mask),
             "watch_mailbox": lambda wid, root, folder, sub, mask: b.watch_mailbox(
-                wid, p.root(root), folder, sub, mask),
+                wid, p().root(root), folder, sub, mask),
             "unwatch": b.unwatch,
+            "reload": self.reload,
         }
+
+    def reload(self) -> None:
+        """Re-read the configuration file (the helper's own copy of its path: the worker
+        cannot point it elsewhere) and allow what it now configures."""
+        from spoolscan.config import load_config
+
+        if self.config_path is None:
+            return
+        self.policy = Policy.from_config(load_config(self.config_path), self.scan_paths)
 
     def restore(self, args: list, fds: list[int]) -> _Reply:
         loc, times = _loc(args[0]), args[1]
@@ -521,6 +537,10 @@ class RemoteBroker:
         if remote is not None:
             self._value("unwatch", remote, wd)
 
+    def reload(self) -> None:
+        """Have the helper re-read the configuration (SIGHUP: sources added, removed)."""
+        self._value("reload")
+
 
 # --- starting --------------------------------------------------------------------------------
 
@@ -651,7 +671,8 @@ def start(config: Config, scan_paths: Sequence[str] = ()) -> RemoteBroker:
                 signal.signal(sig, signal.SIG_IGN)
             if os.getppid() == 1:  # the worker died before the death signal was set
                 os._exit(1)
-            _serve_forever(Helper(Broker(), policy), [theirs for _, theirs in pairs])
+            _serve_forever(Helper(Broker(), policy, config.path, scan_paths),
+                           [theirs for _, theirs in pairs])
         except BaseException:
             log.exception("the privileged helper failed")
             code = 1

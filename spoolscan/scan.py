@@ -47,6 +47,11 @@ class FingerprintWatch:
         self._read_at = 0.0
         self._failing = False
 
+    @property
+    def failing(self) -> bool:
+        """True while clamd does not answer (since the last time it was asked)."""
+        return self._failing
+
     def current(self) -> str | None:
         with self._lock:
             ttl = 1.0 if self._failing else self.ttl  # retry an outage sooner

@@ -244,7 +244,8 @@ def test_the_log_line_starts_with_the_queue_id(config, store, postfix, caplog):
     build_worker(cfg, store).run_once()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(qid + ":")]
     assert any("verdict=infected signature=Spoolscan.Test.EICAR-NDB.UNOFFICIAL "
-               "action=quarantine direction=internal from=<x@spoolscan.test> nrcpt=1" in line
+               "action=quarantine direction=internal from=<x@spoolscan.test> "
+               "to=<rcpt@spoolscan.test> nrcpt=1" in line
                for line in lines), lines
 
 

@@ -74,3 +74,15 @@ def test_delete_removes_the_copy(capsys, config_file, quarantined):
 def test_unknown_id_is_an_error(capsys, config_file, quarantined):
     code, _, err = q(capsys, config_file, "show", "999999")
     assert code == 2 and "not in quarantine" in err
+
+
+def test_release_and_delete_answer_in_json_one_object_per_id(capsys, config_file,
+                                                             quarantined):
+    _, out, _ = q(capsys, config_file, "list", "--json")
+    message_id = json.loads(out.splitlines()[0])["id"]
+    code, out, _ = q(capsys, config_file, "release", "--json", str(message_id), "999999")
+    ok, missing = (json.loads(line) for line in out.splitlines())
+    assert code == 2
+    assert ok == {"id": message_id, "ok": True, "result": "released",
+                  "to": str(quarantined)}
+    assert missing["id"] == 999999 and missing["ok"] is False and missing["error"]

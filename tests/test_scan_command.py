@@ -214,3 +214,21 @@ def test_a_message_of_a_configured_source_is_recorded_once(capsys, config, tmp_p
         rows = conn.execute(text("SELECT source, identity, state FROM messages")).all()
     assert [tuple(r) for r in rows] == [
         ("mailboxes", f"{root}/{path.name}", "done")]
+
+
+def test_infected_and_no_summary_print_only_what_is_not_clean(capsys, config_file, tmp_path):
+    root = make_maildir(tmp_path / "Maildir")
+    deliver(root, message())
+    bad = deliver(root, eicar_message())
+    code, out, _ = run_scan(capsys, config_file, "--infected", "--no-summary", str(root))
+    assert code == 1
+    (line,) = out.splitlines()
+    assert str(bad) in line and "FOUND" in line
+
+
+def test_infected_and_no_summary_print_nothing_when_all_is_clean(capsys, config_file,
+                                                                 tmp_path):
+    root = make_maildir(tmp_path / "Maildir")
+    deliver(root, message())
+    code, out, err = run_scan(capsys, config_file, "-q", "-i", "--no-summary", str(root))
+    assert (code, out, err) == (0, "", "")

@@ -251,6 +251,11 @@ class Source(ABC):
         """The record of an action interrupted by a crash (``intent``: its pending action
         row) if it did happen: the message is no longer where it was because of us."""
 
+    def backlog(self) -> tuple[int, float] | None:
+        """(messages waiting here, age of the oldest in seconds), for sources where mail
+        waits for spoolscan (the hold queue); None elsewhere."""
+        return None
+
     def quarantine_target(self, pending: Pending) -> str | None:
         """Where a quarantine of ``pending`` goes (recorded before acting), or None if the
         source decides it while acting."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -208,6 +209,13 @@ class HoldSource(Source):
                 continue
             if sighting is not None:
                 yield sighting
+
+    def backlog(self) -> tuple[int, float] | None:
+        entries, _ = self.broker.hold_entries(self.queue_dir)
+        if not entries:
+            return 0, 0.0
+        oldest = min(e.mtime_ns for e in entries) / 1e9
+        return len(entries), max(0.0, time.time() - oldest)
 
     def locate(self, row: dict) -> Sighting | None:
         queue_id = row["queue_id"] or row["location"] or ""

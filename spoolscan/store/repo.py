@@ -225,6 +225,24 @@ class Store:
             conn.execute(update(fingerprints).where(fingerprints.c.fingerprint == fingerprint)
                          .values(rescanned_at=utcnow()))
 
+    def fingerprint_first_seen(self, fingerprint: str | None) -> float | None:
+        """When ``fingerprint`` was first seen (epoch seconds), None if never."""
+        if fingerprint is None:
+            return None
+        with self.engine.connect() as conn:
+            when = conn.execute(select(fingerprints.c.first_seen_at)
+                                .where(fingerprints.c.fingerprint == fingerprint)).scalar()
+        when = as_utc(when)
+        return when.timestamp() if when else None
+
+    def count_states(self, states: Sequence[str]) -> dict[tuple[str, str], int]:
+        """{(source, state): messages} for these states."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(messages.c.source, messages.c.state, func.count())
+                                .where(messages.c.state.in_(list(states)))
+                                .group_by(messages.c.source, messages.c.state))
+            return {(src, state): n for src, state, n in rows}
+
     def latest_fingerprint(self) -> str | None:
         """The fingerprint most recently first seen."""
         with self.engine.connect() as conn:
