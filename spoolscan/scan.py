@@ -232,8 +232,9 @@ class ScanService:
         return None
 
     def _hash_and_scan(self, job: Job, opened: Opened, fingerprint: str | None) -> Outcome:
-        digest, size = content_hash(opened.stream)
-        info = replace(job.info, content_hash=digest, size=size)
+        digest, size, headers = content_hash(opened.stream)
+        info = replace(job.info, content_hash=digest, size=size, subject=headers.subject,
+                       message_id=headers.message_id, header_from=headers.header_from)
         key = (digest, fingerprint) if fingerprint and self.use_cache else None
         if key is not None:
             self.cache.warm(key[1])

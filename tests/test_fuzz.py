@@ -242,9 +242,11 @@ def test_the_content_hash_is_total_and_independent_of_read_sizes(batch, head, bo
             return self.inner.read(min(n, chunk) if n and n > 0 else chunk)
 
     def check() -> None:
-        digest, size = content_hash(io.BytesIO(data))
+        digest, size, headers = content_hash(io.BytesIO(data))
         assert size == len(data) and re.fullmatch(r"[0-9a-f]{64}", digest)
-        assert content_hash(Trickle()) == (digest, size)  # type: ignore[arg-type]
+        assert content_hash(Trickle()) == (digest, size, headers)  # type: ignore[arg-type]
+        for value in (headers.subject, headers.message_id, headers.header_from):
+            assert value is None or (isinstance(value, str) and len(value) <= 1000)
 
     measured("content hash")(check)()
 
