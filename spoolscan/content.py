@@ -126,6 +126,24 @@ def parse_headers(head: bytes) -> Headers:
     return Headers(**{key: decode_value(raw) for key, raw in found.items()})
 
 
+def _read_head(stream: BinaryIO) -> bytes:
+    # The head is read whole (streams may return less than asked: a queue file's content
+    # stream gives one record at a time), else what is left out of the hash would depend
+    # on how the content happened to be read, and copies would not share a hash.
+    parts: list[bytes] = []
+    wanted = _HEAD_LIMIT
+    while wanted > 0 and (part := stream.read(wanted)):
+        parts.append(part)
+        wanted -= len(part)
+    return b"".join(parts)
+
+
+def read_headers(stream: BinaryIO) -> Headers:
+    """The ``Headers`` of the content read from ``stream`` (its first 64 KiB only): for
+    mail that is not hashed because it is too large to scan."""
+    return parse_headers(_read_head(stream))
+
+
 def content_hash(stream: BinaryIO) -> Digest:
     """SHA-256 (hex) of the content read from ``stream``, its full size in bytes, and
     the headers of ``Headers`` parsed from its first 64 KiB.
@@ -133,15 +151,7 @@ def content_hash(stream: BinaryIO) -> Digest:
     Reads in chunks; memory does not grow with the size of the message.
     """
     digest = hashlib.sha256()
-    # The head is read whole (streams may return less than asked: a queue file's content
-    # stream gives one record at a time), else what is left out would depend on how the
-    # content happened to be read, and copies would not share a hash.
-    parts: list[bytes] = []
-    wanted = _HEAD_LIMIT
-    while wanted > 0 and (part := stream.read(wanted)):
-        parts.append(part)
-        wanted -= len(part)
-    head = b"".join(parts)
+    head = _read_head(stream)
     size = len(head)
     digest.update(memoryview(head)[_strip_leading_trace_headers(head):])
     while chunk := stream.read(CHUNK):
