@@ -3,7 +3,12 @@ inside a ``From`` header.  Never raise: addresses come from mail."""
 
 from __future__ import annotations
 
+import re
 from email.utils import parseaddr
+
+# The address in angle brackets at the end of a From value: what is left when the
+# display name (decoded from RFC 2047, so it may hold any character) confuses parseaddr.
+_LAST_ANGLE = re.compile(r"<([^<>\s]+@[^<>\s]+)>\s*$")
 
 
 def domain_of(address: str | None) -> str | None:
@@ -23,7 +28,10 @@ def header_address(value: str | None) -> str | None:
     try:
         address = parseaddr(value)[1]
     except Exception:  # the parser of a hostile header: not worth failing a message for
-        return None
+        address = ""
+    if not address or "@" not in address:
+        m = _LAST_ANGLE.search(value)
+        address = m.group(1) if m else address
     return address or None
 
 

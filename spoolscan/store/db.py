@@ -123,10 +123,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic import command
 
     cfg = _alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.connect() as conn, foreign_keys_off(conn):
-        with conn.begin():
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
+    with engine.connect() as conn, foreign_keys_off(conn), conn.begin():
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
 
 
 def current_revision(engine: Engine) -> str | None:
