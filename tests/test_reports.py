@@ -47,7 +47,7 @@ from spoolscan.rescan import check_signatures
 from spoolscan.runner import build_worker
 from spoolscan.store.db import create_engine_for, upgrade
 from spoolscan.store.repo import Store, utcnow
-from spoolscan.testing.clamd import ClamdInstance, ndb_line
+from spoolscan.testing.clamd import EICAR, ClamdInstance, ndb_line
 
 EICAR_SIG = "Spoolscan.Test.EICAR-NDB.UNOFFICIAL"
 RETRO_SIG = "Spoolscan.Test.Retro.UNOFFICIAL"
@@ -79,6 +79,7 @@ def hostile_eicar(sender: bytes = b"evil@example.net") -> bytes:
 class Filled:
     dialect: str
     url: str
+    config: Config
     config_file: Path
     store: Store
     range_args: list[str]  # --since/--until: one fixed range for every call
@@ -169,7 +170,7 @@ def filled(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         _fill(config, store, postfix, clamd, tmp)
         since = (started - timedelta(minutes=5)).replace(microsecond=0).isoformat()
         until = (utcnow() + timedelta(hours=1)).replace(microsecond=0).isoformat()
-        yield Filled(dialect, url, write_config(tmp / "spoolscan.toml", config), store,
+        yield Filled(dialect, url, config, write_config(tmp / "spoolscan.toml", config), store,
                      ["--since", since, "--until", until],
                      time_range(since, until, utcnow()), tmp)
 
@@ -431,6 +432,93 @@ def test_the_html_page_in_headless_chromium(capsys, filled):
 
 def iso_z(value: datetime) -> str:
     return value.isoformat()
+
+
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "img" / "report.png"
+
+
+@pytest.mark.skipif(not os.environ.get("SPOOLSCAN_UPDATE_SCREENSHOT"),
+                    reason="set SPOOLSCAN_UPDATE_SCREENSHOT=1 to make docs/img/report.png")
+def test_make_the_readme_screenshot(capsys, filled):
+    """docs/img/report.png: the HTML report of real scans (the store above and a week's
+    worth of mail scanned now), their times then spread over seven days so that the
+    daily charts have days to show."""
+    if filled.dialect != "sqlite":
+        pytest.skip("one picture is enough")
+    url = f"sqlite:///{filled.tmp / 'shot' / 'spoolscan.db'}"
+    (filled.tmp / "shot").mkdir(exist_ok=True)
+    import sqlite3
+
+    # The backup API: a copy of the file would miss what is still in the WAL.
+    with contextlib.closing(sqlite3.connect(filled.url.removeprefix("sqlite:///"))) as src, \
+            contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as dst:
+        src.backup(dst)
+    config = replace(filled.config, database=DatabaseConfig(url=url))
+    store = Store.open(url)
+    try:
+        _scan_a_week_of_mail(config, store, filled.tmp / "shot")
+        _spread_over_a_week(store)
+    finally:
+        store.close()
+    config_file = write_config(filled.tmp / "shot" / "spoolscan.toml", config)
+    target = filled.tmp / "shot" / "report.html"
+    assert main(["--config", str(config_file), "report", "all", "--format", "html",
+                 "--since", "8d", "--output", str(target)]) == 0
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    chromium(f"--screenshot={SCREENSHOT}", "--window-size=1280,1600", "--hide-scrollbars",
+             target.as_uri(), tmp=filled.tmp)
+    assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _scan_a_week_of_mail(config: Config, store: Store, tmp: Path) -> None:
+    from spoolscan.testing.clamd import TESTFILES_DIR
+
+    samples = [TESTFILES_DIR / n for n in ("clam.zip", "clam.pdf", "clam.7z", "clam.exe")]
+    senders = ["billing@invoices.example", "news@example.net", "hr@spoolscan.test",
+               "noreply@parcel.example", "bob@spoolscan.test"]
+    for user in ("erin", "frank", "grace"):
+        box = make_maildir(tmp / "vmail" / user / "Maildir")
+        for i in range(40):
+            sender = senders[(i + len(user)) % len(senders)]
+            if i % 9 == 4:
+                deliver(box, message(subject=f"Invoice {i}", sender=sender,
+                                     body="See attachment.\n", attachment=EICAR,
+                                     filename="invoice.com"))
+            elif i % 13 == 6:
+                sample = samples[i % len(samples)]
+                deliver(box, message(subject=f"Scan {i}", attachment=sample.read_bytes(),
+                                     filename=sample.name, sender=sender))
+            else:
+                deliver(box, message(subject=f"Note {i} for {user}", sender=sender,
+                                     body="x" * (40 * i)))
+    build_worker(replace(config, sources=(SourceConfig(
+        name="mailboxes", type="maildir", paths=(str(tmp / "vmail" / "*" / "Maildir"),)),)),
+        store).run_once()
+
+
+def _spread_over_a_week(store: Store) -> None:
+    """Move each message, with its scans and actions, 0 to 6 days back."""
+    import random
+
+    from sqlalchemy import func, select
+
+    from spoolscan.store.repo import actions, fingerprints, messages, scans
+
+    rng = random.Random(2026)
+    with store.engine.begin() as conn:
+        for (message_id,) in conn.execute(text("SELECT id FROM messages")).all():
+            back = timedelta(days=rng.choice([0, 1, 1, 2, 3, 3, 3, 4, 5, 6, 6]))
+            for table, columns in ((messages, ("first_seen_at", "updated_at", "arrived_at",
+                                               "next_attempt_at")),
+                                   (scans, ("scanned_at",)),
+                                   (actions, ("requested_at", "completed_at"))):
+                key = table.c.id if table is messages else table.c.message_id
+                for row in conn.execute(table.select().where(key == message_id)).mappings():
+                    values = {c: row[c] - back for c in columns if row[c] is not None}
+                    conn.execute(table.update().where(table.c.id == row["id"]).values(**values))
+        first = conn.execute(select(func.min(scans.c.scanned_at))).scalar()
+        conn.execute(fingerprints.update().where(fingerprints.c.fingerprint.like("%/27001/%"))
+                     .values(first_seen_at=first))
 
 
 # --- the pieces, without a store ------------------------------------------------------
