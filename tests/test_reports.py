@@ -347,6 +347,40 @@ def test_scanner_percentiles_errors_and_fingerprints(capsys, filled):
     assert "/27002/" in day["newest_fingerprint"] and ISO.fullmatch(day["newest_first_seen"])
 
 
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_the_documented_queries_run_on_both_databases(filled):
+    for doc in ("sql.md", "schema.md"):
+        blocks = re.findall(r"```sql\n(.*?)```", (DOCS / doc).read_text(), re.S)
+        assert blocks
+        for block in blocks:
+            for statement in (s.strip() for s in block.split(";")):
+                code = "\n".join(line for line in statement.splitlines()
+                                 if not line.startswith("--"))
+                if code.strip():
+                    paste(filled, code + ";\n")  # fails on any error
+
+
+def test_every_view_column_is_documented(filled):
+    text_ = (DOCS / "sql.md").read_text()
+    sections = re.split(r"^## (.*)$", text_, flags=re.M)
+    documented = {}
+    for heading, body in zip(sections[1::2], sections[2::2], strict=True):
+        view = re.match(r"`(v_\w+)`", heading)
+        if view is None:
+            continue
+        name = view.group(1)
+        cells = re.findall(r"^\| (.+?) \|", body, re.M)
+        documented[name] = {c for cell in cells for c in re.findall(r"`(\w+)`", cell)}
+    with filled.store.engine.connect() as conn:
+        for view, columns in documented.items():
+            actual = set(conn.execute(text(f"SELECT * FROM {view} WHERE 1 = 0")).keys())
+            assert actual == columns, (view, actual ^ columns)
+    assert set(documented) == {"v_messages", "v_scans", "v_recipients", "v_actions",
+                               "v_fingerprints"}
+
+
 def test_hold_mail_keeps_its_smtp_client_and_helo(filled):
     with filled.store.engine.connect() as conn:
         rows = conn.execute(text("SELECT client_address, helo, subject, header_from "
