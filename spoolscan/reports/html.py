@@ -93,6 +93,7 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
     });
   });
 });
+document.documentElement.setAttribute("data-tables", "sortable");
 """
 
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00")
