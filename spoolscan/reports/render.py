@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Sequence
 
 from spoolscan.reports.query import Result, Value, is_number_column
@@ -19,6 +20,7 @@ from spoolscan.text import printable, unescape
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 _MIN_WRAP = 12  # a wrapped column keeps at least this many characters per line
 _BREAK_AFTER = "/ ,;"
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d(T\d\d:\d\d:\d\d\+00:00)?")
 
 
 def _csv_cell(text: str) -> str:
@@ -87,15 +89,19 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines
 
 
-def _fit(widths: list[int], limit: int) -> list[int]:
-    """Column widths that fit ``limit`` (two spaces between columns) by narrowing the
-    widest columns, none below ``_MIN_WRAP``; may stay wider when it cannot fit."""
+def _fit(widths: list[int], limit: int, rigid: Sequence[bool]) -> list[int]:
+    """Column widths that fit ``limit`` (two spaces between columns): the widest of the
+    other columns are narrowed first, none below ``_MIN_WRAP``; ``rigid`` columns
+    (numbers, timestamps) only when that is not enough.  May stay wider than ``limit``."""
     widths = list(widths)
-    while sum(widths) + 2 * (len(widths) - 1) > limit:
-        widest = max(range(len(widths)), key=lambda i: widths[i])
-        if widths[widest] <= _MIN_WRAP:
-            break
-        widths[widest] -= 1
+    for narrowable in ([not r for r in rigid], [True] * len(widths)):
+        while sum(widths) + 2 * (len(widths) - 1) > limit:
+            candidates = [i for i in range(len(widths))
+                          if narrowable[i] and widths[i] > _MIN_WRAP]
+            if not candidates:
+                break
+            widest = max(candidates, key=lambda i: widths[i])
+            widths[widest] -= 1
     return widths
 
 
@@ -106,7 +112,9 @@ def table_text(result: Result, width: int | None = None, heading: bool = True) -
     cells = [[shown(c, v) for c, v in zip(columns, row, strict=True)] for row in result.rows]
     numeric = [is_number_column(result.rows, i) for i in range(len(columns))]
     natural = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    widths = natural if width is None else _fit(natural, width)
+    rigid = [numeric[i] or all(_TIMESTAMP.fullmatch(r[i]) or not r[i] for r in cells)
+             for i in range(len(columns))]
+    widths = natural if width is None else _fit(natural, width, rigid)
 
     def line(values: Sequence[str]) -> list[str]:
         wrapped = [_wrap(v, w) for v, w in zip(values, widths, strict=True)]
