@@ -39,10 +39,10 @@ def run_migrations_online() -> None:
             context.run_migrations()
         return
 
-    from spoolscan.store.db import create_engine_for
+    from spoolscan.store.db import create_engine_for, foreign_keys_off
 
     engine = create_engine_for(_url())
-    with engine.connect() as conn:
+    with engine.connect() as conn, foreign_keys_off(conn):
         context.configure(connection=conn, target_metadata=target_metadata,
                           render_as_batch=True)
         with context.begin_transaction():

@@ -165,28 +165,36 @@ def cmd_rescan(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_report(args: argparse.Namespace, config: Config) -> int:
-    from datetime import timedelta
+    import shutil
 
-    from spoolscan.config import parse_duration
-    from spoolscan.reports import REPORTS, render, run_report
+    from spoolscan.reports import produce, time_range
     from spoolscan.store.repo import utcnow
 
-    report = REPORTS[args.name]
-    if args.format == "sql":
-        text = report.sql.strip() + ";\n"
-    else:
-        try:
-            since = utcnow() - timedelta(seconds=parse_duration(args.since))
-        except ValueError:
-            print(f"spoolscan: --since must be a duration such as 7d or 12h, got "
-                  f"{args.since!r}", file=sys.stderr)
-            return EXIT_USAGE
-        store = _open_store(config, auto_create=False)
-        try:
-            columns, rows = run_report(store, args.name, since)
-        finally:
+    fmt = args.format or ("json" if args.jsonl else "table")
+    if args.jsonl and fmt != "json":
+        print("spoolscan: --jsonl goes with --format json", file=sys.stderr)
+        return EXIT_USAGE
+    now = utcnow()
+    try:
+        window = time_range(args.since, args.until, now)
+    except ValueError as exc:
+        print(f"spoolscan: --since/--until: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.name == "all" and fmt in ("csv", "json"):
+        print(f"spoolscan: --format {fmt} takes one report; `all` goes with table, html or "
+              "sql", file=sys.stderr)
+        return EXIT_USAGE
+    # The table wraps long values at the terminal's width; into a file or a pipe, or
+    # with --wide, each row stays on one line, however long.
+    width = None
+    if fmt == "table" and not args.wide and not args.output and sys.stdout.isatty():
+        width = shutil.get_terminal_size().columns
+    store = None if fmt == "sql" else _open_store(config, auto_create=False)
+    try:
+        text = produce(store, args.name, fmt, window, jsonl=args.jsonl, width=width, now=now)
+    finally:
+        if store is not None:
             store.close()
-        text = render(columns, rows, args.format, f"{report.title} (since {args.since})")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -240,8 +248,8 @@ def cmd_quarantine(args: argparse.Namespace, config: Config) -> int:
                     if args.json:
                         print(q.dump(entry))
                     else:
-                        for key, value in entry.as_json().items():
-                            print(printable(f"{key:16} {value}"))
+                        for line in entry.describe():
+                            print(line)
                         print("\n" + q.headers(config, entry, args.broker) + "\n")
                 elif args.q_command == "release":
                     where = q.release(store, config, entry, args.broker)
@@ -298,6 +306,19 @@ def _duration(text: str) -> str:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"not a duration: {text!r} (examples: 7d, 12h, 30m)") from None
+    return text
+
+
+def _when(text: str) -> str:
+    from spoolscan.reports.query import parse_when
+    from spoolscan.store.repo import utcnow
+
+    try:
+        parse_when(text, utcnow())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration or a date: {text!r} (examples: 7d, 12h, 2026-12-01, "
+            "2026-12-01T08:00:00+01:00)") from None
     return text
 
 
@@ -363,18 +384,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do nothing unless the signatures changed since the last rescan")
     p.set_defaults(func=cmd_rescan)
 
-    from spoolscan.reports import REPORTS
+    from spoolscan.reports import ALIASES, FORMATS, REPORTS
 
-    p = sub.add_parser("report", help="print a canned report (" + ", ".join(REPORTS) + ")",
-                       description="Reports over the v_scans view and the messages table. "
+    names = list(REPORTS)
+    p = sub.add_parser("report", help="print a canned report (" + ", ".join(names) + ", all)",
+                       description="Reports over the SQL views of docs/sql.md, the same "
+                                   "query on SQLite and PostgreSQL. "
                                    + "; ".join(f"{r.name}: {r.title}" for r in REPORTS.values())
-                                   + ". --format sql prints the query, to run by hand.")
-    p.add_argument("name", choices=sorted(REPORTS), metavar="NAME",
-                   help="one of: " + ", ".join(sorted(REPORTS)))
-    p.add_argument("--since", default="7d", metavar="AGE", type=_duration,
-                   help="how far back (default 7d)")
-    p.add_argument("--format", choices=("table", "csv", "json", "html", "sql"),
-                   default="table")
+                                   + "; all: every report (table, html, sql). Aliases: "
+                                   + ", ".join(f"{a} = {n}" for a, n in ALIASES.items())
+                                   + ". Timestamps are ISO 8601 in UTC. --format sql prints "
+                                     "the query with the time range written in, to paste "
+                                     "into sqlite3 or psql.")
+    p.add_argument("name", choices=[*names, *ALIASES, "all"], metavar="NAME",
+                   help="one of: " + ", ".join([*names, "all"]))
+    p.add_argument("--since", default="7d", metavar="WHEN", type=_when,
+                   help="start of the range: a duration back from now (7d, 12h) or an ISO "
+                        "date or time (2026-12-01, 2026-12-01T08:00; UTC unless a zone is "
+                        "given); default 7d")
+    p.add_argument("--until", metavar="WHEN", type=_when,
+                   help="end of the range (excluded), as --since; default now")
+    p.add_argument("--format", choices=FORMATS,
+                   help="table (the default), csv, json (one array), html (one page with "
+                        "charts), sql (the query)")
+    p.add_argument("--jsonl", action="store_true",
+                   help="with --format json: one object per line instead of an array")
+    p.add_argument("--wide", action="store_true",
+                   help="table: one line per row even on a terminal (no wrapping)")
     p.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
     p.set_defaults(func=cmd_report)
 

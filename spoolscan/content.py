@@ -14,13 +14,20 @@ out exactly those, and only where they are safe to leave out:
 Everything else (every other header, every MIME header, the body) is hashed, so any change
 that could change what clamd finds changes the hash.  The size returned is the size of the
 whole content.
+
+The same read also yields the ``Subject``, ``Message-ID`` and ``From`` of the message
+(``Headers``), taken from the head that is read anyway: reports show them, and reading
+the content a second time for them would cost as much as the hash.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
-from typing import BinaryIO, Final
+from dataclasses import dataclass
+from email.header import decode_header, make_header
+from typing import BinaryIO, Final, NamedTuple
 
 _TRACE_NAMES: Final = frozenset({b"return-path", b"delivered-to", b"x-original-to"})
 # A single address: optional angle brackets, no spaces, at most 320 octets (RFC 5321 limits).
@@ -28,6 +35,31 @@ _ADDRESS_VALUE: Final = re.compile(rb"[ \t]*(<[^<>\s]{0,320}>|[^<>\s@]{1,64}@[^<
                                    rb"[ \t]*\r?\n")
 _HEAD_LIMIT: Final = 64 * 1024  # trace headers are short; stop looking after this much
 CHUNK: Final = 256 * 1024
+HEADER_VALUE_LIMIT: Final = 1000  # characters kept of each header value (after decoding)
+_WANTED: Final = {b"subject": "subject", b"message-id": "message_id", b"from": "header_from"}
+_LINE_END: Final = re.compile(rb"\r?\n")
+_HEADER_END: Final = re.compile(rb"\n\r?\n")
+
+
+@dataclass(frozen=True)
+class Headers:
+    """Header values of a message, as text: RFC 2047 encoded-words decoded where that
+    works, folded lines unfolded, at most ``HEADER_VALUE_LIMIT`` characters.  Bytes that
+    are not UTF-8 are kept as lone surrogates (``surrogateescape``), as every text from
+    mail is inside spoolscan (see ``spoolscan.text``).  None: the field is not there
+    (within the first 64 KiB)."""
+
+    subject: str | None = None
+    message_id: str | None = None
+    header_from: str | None = None
+
+
+class Digest(NamedTuple):
+    """What one read of a message's content gives: its hash, its size, a few headers."""
+
+    sha256: str
+    size: int
+    headers: Headers
 
 
 def _strip_leading_trace_headers(head: bytes) -> int:
@@ -49,24 +81,80 @@ def _strip_leading_trace_headers(head: bytes) -> int:
         pos = end
 
 
-def content_hash(stream: BinaryIO) -> tuple[str, int]:
-    """SHA-256 (hex) of the content read from ``stream``, and its full size in bytes.
+def decode_value(raw: bytes) -> str:
+    """A header value (unfolded bytes) as text; never raises.
 
-    Reads in chunks; memory does not grow with the size of the message.
+    RFC 2047 encoded-words are decoded with the standard library when the value is
+    ASCII as RFC 2047 wants; when that fails (unknown charset, broken encoding) or the
+    value carries raw 8-bit bytes, or the decoding is empty, the raw value is kept as
+    it is (undecodable bytes as lone surrogates): nothing is lost, nothing is guessed.
     """
-    digest = hashlib.sha256()
+    text = raw.decode("utf-8", "surrogateescape").strip(" \t")
+    if "=?" in text and text.isascii():
+        # Any decoding problem: the raw value is still the truth.  So it is when the
+        # decoder turns garbage into nothing (base64 with no valid character).
+        with contextlib.suppress(Exception):
+            text = str(make_header(decode_header(text))) or text
+    return text[:HEADER_VALUE_LIMIT]
+
+
+def parse_headers(head: bytes) -> Headers:
+    """The first ``Subject``, ``Message-ID`` and ``From`` fields of the header section at
+    the start of ``head`` (up to the first empty line, or all of ``head``).  Never raises:
+    lines that are not fields are skipped."""
+    found: dict[str, bytes] = {}
+    current: str | None = None  # the wanted field whose value continues on folded lines
+    end = _HEADER_END.search(head)
+    section = head[:end.start()].rstrip(b"\r") if end else head
+    for line in _LINE_END.split(section):
+        if not line:
+            break  # the end of the header section
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:  # unfolding: drop the line break, keep the blank
+                found[current] += line
+            continue
+        current = None
+        colon = line.find(b":")
+        if colon <= 0:
+            continue  # not a field (an mbox "From " line, garbage)
+        key = _WANTED.get(line[:colon].strip(b" \t").lower())
+        if key is not None and key not in found:
+            found[key] = line[colon + 1:]
+            current = key
+        elif len(found) == len(_WANTED):
+            break
+    return Headers(**{key: decode_value(raw) for key, raw in found.items()})
+
+
+def _read_head(stream: BinaryIO) -> bytes:
     # The head is read whole (streams may return less than asked: a queue file's content
-    # stream gives one record at a time), else what is left out would depend on how the
-    # content happened to be read, and copies would not share a hash.
+    # stream gives one record at a time), else what is left out of the hash would depend
+    # on how the content happened to be read, and copies would not share a hash.
     parts: list[bytes] = []
     wanted = _HEAD_LIMIT
     while wanted > 0 and (part := stream.read(wanted)):
         parts.append(part)
         wanted -= len(part)
-    head = b"".join(parts)
+    return b"".join(parts)
+
+
+def read_headers(stream: BinaryIO) -> Headers:
+    """The ``Headers`` of the content read from ``stream`` (its first 64 KiB only): for
+    mail that is not hashed because it is too large to scan."""
+    return parse_headers(_read_head(stream))
+
+
+def content_hash(stream: BinaryIO) -> Digest:
+    """SHA-256 (hex) of the content read from ``stream``, its full size in bytes, and
+    the headers of ``Headers`` parsed from its first 64 KiB.
+
+    Reads in chunks; memory does not grow with the size of the message.
+    """
+    digest = hashlib.sha256()
+    head = _read_head(stream)
     size = len(head)
     digest.update(memoryview(head)[_strip_leading_trace_headers(head):])
     while chunk := stream.read(CHUNK):
         size += len(chunk)
         digest.update(chunk)
-    return digest.hexdigest(), size
+    return Digest(digest.hexdigest(), size, parse_headers(head))

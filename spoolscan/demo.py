@@ -8,7 +8,8 @@ private one with a small built signature database), then:
 1. ``spoolscan scan`` over the mailboxes (what is in there, exit status like clamdscan);
 2. ``spoolscan run --once`` with a Maildir source: infected mail moves to the quarantine
    store, every verdict and action is stored in SQLite;
-3. prints what the store now says (the ``v_scans`` view).
+3. prints what the store now says (the ``v_scans`` view), the quarantine and a report;
+4. writes the HTML report (``spoolscan report all --format html``) and prints its path.
 
 Run ``python -m spoolscan.demo --forever`` to keep the worker running (Ctrl-C stops it).
 """
@@ -25,6 +26,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 from spoolscan.cli import main as spoolscan
+from spoolscan.store.db import create_engine_for, upgrade
 from spoolscan.testing.clamd import EICAR, TESTFILES_DIR, ClamdInstance
 
 SYSTEM_SOCKET = "/var/run/clamav/clamd.ctl"
@@ -148,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         boxes = build_mailboxes(root)
         config = write_config(root, socket_path, db_dir)
+        # A store left by an earlier demo may be at an older schema revision.
+        engine = create_engine_for(f"sqlite:///{root / 'spoolscan.db'}")
+        upgrade(engine)
+        engine.dispose()
         print(f"demo mailboxes: {', '.join(str(b) for b in boxes)}\nconfig: {config}\n")
 
         print("$ spoolscan scan --no-store", " ".join(str(b) for b in boxes))
@@ -163,10 +169,17 @@ def main(argv: list[str] | None = None) -> int:
         print_store(root, before)
         print("\n$ spoolscan quarantine list")
         spoolscan(["--config", str(config), "quarantine", "list"])
+        print("\n$ spoolscan report threats")
+        spoolscan(["--config", str(config), "report", "threats", "--since", "1d"])
+        report = root / "report.html"
+        print(f"\n$ spoolscan report all --format html --output {report}")
+        spoolscan(["--config", str(config), "report", "all", "--format", "html",
+                   "--since", "1d", "--output", str(report)])
         print(f"\nThe store is {root / 'spoolscan.db'}; try:\n"
               f"  sqlite3 {root / 'spoolscan.db'} \"SELECT * FROM v_scans\"\n"
-              f"  make run ARGS=--forever      # the same, then keep watching "
-              f"(Ctrl-C stops it)")
+              f"  .venv/bin/spoolscan --config {config} report summary --format sql\n"
+              f"  make run ARGS=--forever      # the same, then keep watching (Ctrl-C)\n"
+              f"\nThe HTML report (open it in a browser): {report}")
         if args.forever:
             return spoolscan(["--config", str(config), "run"])
         return 0

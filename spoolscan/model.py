@@ -104,7 +104,13 @@ class ScanResult:
 
 @dataclass(frozen=True)
 class MessageInfo:
-    """What a source knows about a message, before and after scanning."""
+    """What a source knows about a message, before and after scanning.
+
+    ``subject``, ``message_id`` (the ``Message-ID`` header) and ``header_from`` come from
+    the content (read when it is hashed); ``client_address`` and ``helo`` from the
+    envelope of held mail; ``mailbox`` is the Maildir a delivered message rests in (its
+    recipient, as far as a mailbox knows).  All are None when unknown.
+    """
 
     source: str
     kind: str  # postfix-hold | maildir | file
@@ -118,6 +124,12 @@ class MessageInfo:
     size: int | None = None
     content_hash: str | None = None
     arrived_at: datetime | None = None
+    subject: str | None = None
+    message_id: str | None = None
+    header_from: str | None = None
+    client_address: str | None = None
+    helo: str | None = None
+    mailbox: str | None = None
 
 
 class ContentUnavailable(Exception):

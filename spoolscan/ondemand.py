@@ -59,6 +59,7 @@ class Target:
     source: str = CLI_SOURCE
     identity: str | None = None
     problem: str | None = None  # could not be reached: reported as an error
+    mailbox: str | None = None  # the Maildir root of a configured source's message
 
 
 class Finder:
@@ -101,7 +102,7 @@ class Finder:
         for root, source in self.roots.items():
             loc = Location.from_path(path, root)
             if loc is not None:
-                return Target(path, source, loc.identity)
+                return Target(path, source, loc.identity, mailbox=root)
         return Target(path)
 
     def _walk(self, top: str) -> Iterator[Target]:
@@ -149,7 +150,7 @@ def open_target(target: Target, broker: Broker) -> Iterator[Opened]:
 def job_for(target: Target, broker: Broker, trigger: Trigger = Trigger.MANUAL) -> Job:
     if target.identity is not None:
         info = MessageInfo(source=target.source, kind="maildir", identity=target.identity,
-                           location=target.path)
+                           location=target.path, mailbox=target.mailbox)
     else:
         info = MessageInfo(source=CLI_SOURCE, kind="file", identity=target.path,
                            location=target.path)

@@ -20,12 +20,20 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from spoolscan import fsutil
 from spoolscan.clamd import ClamdClient, ClamdError
-from spoolscan.content import content_hash
-from spoolscan.model import ContentUnavailable, Job, Opened, Outcome, ScanResult, Verdict
+from spoolscan.content import content_hash, read_headers
+from spoolscan.model import (
+    ContentUnavailable,
+    Job,
+    MessageInfo,
+    Opened,
+    Outcome,
+    ScanResult,
+    Verdict,
+)
 
 if TYPE_CHECKING:
     from spoolscan.store.repo import Store
@@ -201,9 +209,10 @@ class ScanService:
     def _scan_opened(self, job: Job, opened: Opened) -> Outcome:
         limit = self.client.max_size
         if limit is not None and opened.size is not None and opened.size > limit:
-            # Too large to scan: say so without reading it (not even to hash it).
+            # Too large to scan: say so without reading it (not even to hash it), but for
+            # its first 64 KiB: what it is (subject, sender) is what an admin needs then.
             result = self.client.scan_stream(opened.stream, opened.size)
-            return Outcome(job, replace(job.info, size=opened.size), result)
+            return Outcome(job, _with_headers(job.info, opened.stream, opened.size), result)
         # Read the fingerprint before scanning: the stamp may be older than the
         # signatures used, never newer (see ClamdClient.fingerprint).
         fingerprint = self.fingerprints.current()
@@ -227,7 +236,7 @@ class ScanService:
                 private = Opened(stream=stream, fd=snap_fd, size=size)  # type: ignore[arg-type]
                 if limit is not None and size > limit:  # it grew past the limit meanwhile
                     result = self.client.scan_stream(private.stream, size)
-                    return Outcome(job, replace(job.info, size=size), result)
+                    return Outcome(job, _with_headers(job.info, private.stream, size), result)
                 return self._hash_and_scan(job, private, fingerprint)
         return self._hash_and_scan(job, opened, fingerprint)
 
@@ -237,8 +246,9 @@ class ScanService:
         return None
 
     def _hash_and_scan(self, job: Job, opened: Opened, fingerprint: str | None) -> Outcome:
-        digest, size = content_hash(opened.stream)
-        info = replace(job.info, content_hash=digest, size=size)
+        digest, size, headers = content_hash(opened.stream)
+        info = replace(job.info, content_hash=digest, size=size, subject=headers.subject,
+                       message_id=headers.message_id, header_from=headers.header_from)
         key = (digest, fingerprint) if fingerprint and self.use_cache else None
         if key is not None:
             self.cache.warm(key[1])
@@ -266,6 +276,17 @@ class ScanService:
             raise ContentUnavailable("internal error: the content stream cannot be rewound")
         opened.stream.seek(0)
         return self.client.scan_stream(opened.stream, size)
+
+
+def _with_headers(info: MessageInfo, stream: BinaryIO, size: int) -> MessageInfo:
+    """``info`` with ``size`` and the headers from the start of ``stream`` (none if it
+    cannot be read: the verdict is what matters)."""
+    try:
+        headers = read_headers(stream)
+    except (ContentUnavailable, OSError):
+        return replace(info, size=size)
+    return replace(info, size=size, subject=headers.subject, message_id=headers.message_id,
+                   header_from=headers.header_from)
 
 
 def run_jobs(service: ScanService, jobs: Iterable[Job], concurrency: int,

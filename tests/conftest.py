@@ -50,21 +50,30 @@ def clamd_config(clamd: ClamdInstance) -> ClamdConfig:
 # --- databases -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def postgres_database() -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database for this test session; its URL."""
-    name = f"spoolscan_test_{uuid.uuid4().hex[:10]}"
+@contextlib.contextmanager
+def new_postgres_database(prefix: str = "spoolscan_test") -> Iterator[str]:
+    """A new, migrated PostgreSQL database for the block (dropped after it); its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    engine = create_engine_for(url)
-    upgrade(engine)
-    engine.dispose()
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        engine = create_engine_for(url)
+        upgrade(engine)
+        engine.dispose()
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session; its URL."""
+    with new_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -80,8 +89,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     url = request.getfixturevalue("postgres_database")
     engine = create_engine_for(url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE actions, scans, messages, fingerprints "
-                          "RESTART IDENTITY CASCADE"))
+        conn.execute(text("TRUNCATE actions, scans, message_recipients, messages, "
+                          "fingerprints RESTART IDENTITY CASCADE"))
     engine.dispose()
     return url
 

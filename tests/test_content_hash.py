@@ -4,7 +4,7 @@ import io
 
 from mail import message
 
-from spoolscan.content import content_hash
+from spoolscan.content import HEADER_VALUE_LIMIT, Headers, content_hash, parse_headers
 
 BASE = message(subject="list post", body="Hello list.\n")
 
@@ -73,8 +73,8 @@ def test_size_is_the_full_content_size():
 
 def test_large_content_is_hashed_in_chunks():
     data = b"Subject: big\n\n" + b"x" * (3 * 1024 * 1024)
-    digest_, size = content_hash(io.BytesIO(data))
-    assert size == len(data)
+    digest_, size, headers = content_hash(io.BytesIO(data))
+    assert size == len(data) and headers.subject == "big"
 
 
 def test_the_hash_does_not_depend_on_how_the_stream_is_read():
@@ -92,3 +92,57 @@ def test_the_hash_does_not_depend_on_how_the_stream_is_read():
             return self.inner.read(1)
 
     assert content_hash(OneByteAtATime()) == content_hash(io.BytesIO(data))
+
+
+# --- the headers read with the hash ----------------------------------------------------
+
+
+def headers(data: bytes) -> Headers:
+    return content_hash(io.BytesIO(data)).headers
+
+
+def test_subject_message_id_and_from_come_with_the_hash():
+    found = headers(delivered(message(subject="Quarterly report", sender="ann@example.net"),
+                              "b@example.org"))
+    assert found.subject == "Quarterly report"
+    assert found.header_from == "ann@example.net"
+    assert found.message_id and found.message_id.startswith("<")
+
+
+def test_encoded_words_are_decoded_and_folded_lines_unfolded():
+    found = parse_headers(b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n =?utf-8?b?IGF1cyBCZXJu?="
+                          b"\r\nFrom: =?iso-8859-1?q?Ren=E9?= <rene@example.net>\r\n"
+                          b"Message-ID:\r\n\t<abc@example.net>\r\n\r\nSubject: body\r\n")
+    assert found == Headers(subject="Grüße aus Bern", message_id="<abc@example.net>",
+                            header_from="René <rene@example.net>")
+
+
+def test_the_first_field_counts_and_the_body_is_not_read_as_header():
+    found = parse_headers(b"Subject: first\nSubject: second\n\nFrom: not a header\n")
+    assert found == Headers(subject="first")
+
+
+def test_broken_encodings_keep_the_raw_value_and_never_raise():
+    raw = {
+        b"=?no-such-charset?q?x?=": "=?no-such-charset?q?x?=",
+        b"=?utf-8?b?####?=": "=?utf-8?b?####?=",
+        b"=?utf-8?q?=FF?=": "=?utf-8?q?=FF?=",
+        b"=?utf-8?b?w?=": "=?utf-8?b?w?=",
+        # Raw 8-bit text is kept as it is (not RFC 2047; nothing is guessed).
+        b"caf\xc3\xa9 =?utf-8?q?x?=": "café =?utf-8?q?x?=",
+        b"\xff\xfe <script>": "\udcff\udcfe <script>",
+    }
+    for value, expected in raw.items():
+        assert parse_headers(b"Subject: " + value + b"\n\n").subject == expected
+
+
+def test_values_are_capped_and_the_rest_is_still_hashed():
+    long = b"Subject: " + b"x" * 5000 + b"\n\nbody\n"
+    assert len(headers(long).subject or "") == HEADER_VALUE_LIMIT
+    assert digest(long) != digest(long.replace(b"x" * 5000, b"x" * 4999 + b"y"))
+
+
+def test_no_header_section_gives_no_values():
+    assert headers(b"") == Headers()
+    assert headers(b"\nSubject: in the body\n") == Headers()
+    assert headers(b"just text without a colon\n") == Headers()

@@ -5,7 +5,7 @@ module's own error, never another exception, never a hang, in bounded memory.
   (pointer records from the test milter, long lines, 8-bit text...): truncation at every
   offset, bit flips, inserted and duplicated ranges, huge record lengths, pointer loops;
 * Maildir file names and the storage rule for text;
-* the content hash;
+* the content hash and the header values read with it;
 * the clamd reply parser.
 
 ``make test`` runs a few hundred examples per target (derandomized, so CI is
@@ -242,12 +242,44 @@ def test_the_content_hash_is_total_and_independent_of_read_sizes(batch, head, bo
             return self.inner.read(min(n, chunk) if n and n > 0 else chunk)
 
     def check() -> None:
-        digest, size = content_hash(io.BytesIO(data))
+        digest, size, headers = content_hash(io.BytesIO(data))
         assert size == len(data) and re.fullmatch(r"[0-9a-f]{64}", digest)
-        assert content_hash(Trickle()) == (digest, size)  # type: ignore[arg-type]
+        assert content_hash(Trickle()) == (digest, size, headers)  # type: ignore[arg-type]
+        for value in (headers.subject, headers.message_id, headers.header_from):
+            assert value is None or (isinstance(value, str) and len(value) <= 1000)
 
     measured("content hash")(check)()
 
+
+
+# --- the header values read with the hash ---------------------------------------------------
+
+
+# Pieces of header lines as mail brings them: encoded-words (well and badly formed, known
+# and unknown charsets), folding, 8-bit bytes, controls, and anything at all.
+HEADER_PIECES = st.lists(st.one_of(
+    st.sampled_from([b"Subject:", b"From:", b"Message-ID:", b"subject :", b" ", b"\t",
+                     b"\r\n", b"\n", b"\r\n ", b"=?utf-8?q?", b"=?utf-8?b?", b"?=",
+                     b"=?x-unknown?q?a?=", b"=?iso-8859-1?q?=E9?=", b"=?utf-8?b?w?=",
+                     b"=FF", b"=0D=0A", b"\x00", b"\xff\xfe", b"\x1b[31m", b"<a@b>"]),
+    st.binary(max_size=40)), max_size=40)
+
+
+@BATCHES
+@SETTINGS
+@given(pieces=HEADER_PIECES)
+def test_header_values_are_total_and_bounded(batch, pieces):
+    from spoolscan.content import HEADER_VALUE_LIMIT, parse_headers
+
+    def check() -> None:
+        found = parse_headers(b"".join(pieces))
+        for value in (found.subject, found.message_id, found.header_from):
+            assert value is None or (isinstance(value, str)
+                                     and len(value) <= HEADER_VALUE_LIMIT)
+            if value is not None:
+                assert unescape(escape(value)) == value  # storable, losslessly
+
+    measured("header values")(check)()
 
 # --- the clamd reply parser ---------------------------------------------------------------
 

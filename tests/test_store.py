@@ -43,15 +43,93 @@ def fresh_database_url(db_url: str, tmp_path: Path) -> str:
     return db_url.rsplit("/", 1)[0] + "/" + name
 
 
+VIEWS = {"v_scans", "v_messages", "v_recipients", "v_actions", "v_fingerprints"}
+
+
 def test_upgrade_from_empty_creates_tables_and_view(db_url, tmp_path):
     engine = create_engine_for(fresh_database_url(db_url, tmp_path))
     upgrade(engine)
     insp = inspect(engine)
-    assert {"messages", "scans", "actions", "fingerprints"} <= set(insp.get_table_names())
-    assert "v_scans" in insp.get_view_names()
+    assert {"messages", "scans", "actions", "fingerprints",
+            "message_recipients"} <= set(insp.get_table_names())
+    assert set(insp.get_view_names()) >= VIEWS
     current, head = schema_status(engine)
     assert current == head
     engine.dispose()
+
+
+def test_upgrading_a_store_with_mail_keeps_every_row(db_url, tmp_path):
+    """From the first schema to the last with rows in it: nothing is lost (SQLite's
+    batch mode copies tables; with foreign keys on, that once deleted every scan), and
+    the recipients and sender domains of earlier mail are filled in."""
+    engine = create_engine_for(fresh_database_url(db_url, tmp_path))
+    upgrade(engine, "0001")
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO messages (source, kind, identity, location, sender, recipients, "
+            "nrcpt, first_seen_at, updated_at, state, attempts) VALUES ('postfix', "
+            "'postfix-hold', 'h/Q1/1/2', 'Q1', 'a@Example.NET.', 'b@x.org, c@Y.org', 2, "
+            "'2026-12-01 22:10:00.123456', '2026-12-01 22:10:00.123456', 'done', 0)"))
+        message_id = conn.execute(text("SELECT id FROM messages")).scalar()
+        conn.execute(text(
+            "INSERT INTO scans (message_id, scanned_at, verdict, duration_ms, \"trigger\", "
+            "cached, retroactive) VALUES (:m, '2026-12-01 22:10:05.5', 'clean', 12, "
+            "'arrival', false, false)"), {"m": message_id})
+        conn.execute(text(
+            "INSERT INTO actions (message_id, scan_id, action, requested_at, outcome) "
+            "SELECT message_id, id, 'release', scanned_at, 'ok' FROM scans"))
+    upgrade(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM v_scans")).scalar() == 1
+        assert conn.execute(text("SELECT count(*) FROM v_actions")).scalar() == 1
+        assert conn.execute(text("SELECT recipient, recipient_domain FROM v_recipients "
+                                 "ORDER BY position")).all() == [("b@x.org", "x.org"),
+                                                                 ("c@Y.org", "y.org")]
+        row = conn.execute(text("SELECT sender_domain, first_seen_utc, day, released "
+                                "FROM v_messages")).one()
+    assert tuple(row) == ("example.net", "2026-12-01T22:10:00+00:00", "2026-12-01", 1)
+    engine.dispose()
+
+
+def test_messages_keep_their_headers_envelope_details_and_recipients(store):
+    info = MessageInfo(source="postfix", kind="postfix-hold", identity="h/Q2/1/2",
+                       location="Q2", queue_id="Q2", sender="",
+                       recipients=("b@Example.ORG", "c@example.net"), direction="inbound",
+                       subject="Hello \udcff\x00 <b>", message_id="<1@x>",
+                       header_from="Mailer <MAILER-DAEMON@Relay.Example.COM>",
+                       client_address="192.0.2.7", helo="relay.example.com", size=10)
+    record_info(store, info)
+    # A later sighting that knows less (a rescan answered from the cache) keeps it all.
+    record_info(store, MessageInfo(source="postfix", kind="postfix-hold",
+                                   identity="h/Q2/1/2", location="Q2"))
+    with store.engine.connect() as conn:
+        row = conn.execute(text("SELECT subject, message_id, header_from, client_address, "
+                                "helo, sender_domain, originator FROM v_messages")).one()
+        rcpts = conn.execute(text("SELECT recipient, recipient_domain FROM v_recipients "
+                                  "ORDER BY position")).all()
+    assert tuple(row) == ("Hello \\xff\\x00 <b>", "<1@x>",
+                          "Mailer <MAILER-DAEMON@Relay.Example.COM>", "192.0.2.7",
+                          "relay.example.com", "relay.example.com", "")
+    assert [tuple(r) for r in rcpts] == [("b@Example.ORG", "example.org"),
+                                         ("c@example.net", "example.net")]
+
+
+def test_a_delivered_message_has_its_mailbox_as_recipient(store):
+    record_info(store, MessageInfo(source="mailboxes", kind="maildir",
+                                   identity="/vmail/a/Maildir/1.M2", mailbox="/vmail/a/Maildir",
+                                   location="/vmail/a/Maildir/new/1.M2",
+                                   header_from="Alice <alice@Example.net>"))
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT recipient, recipient_domain FROM v_recipients")
+                            ).all() == [("/vmail/a/Maildir", None)]
+        assert conn.execute(text("SELECT sender_domain FROM messages")).scalar() == \
+            "example.net"
+
+
+def record_info(store: Store, info: MessageInfo) -> None:
+    store.record_scans([ScanRecord(message=info, verdict="clean", signature=None,
+                                   detail=None, fingerprint="f", duration_ms=1,
+                                   trigger="arrival", cached=False, state=DONE)])
 
 
 def test_v_scans_has_the_documented_columns(store):

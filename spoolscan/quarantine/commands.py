@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 _IN_QUARANTINE = """
 SELECT m.id AS id, a.completed_at AS quarantined_at, m.source, m.kind, m.location,
        m.identity, m.queue_id, m.sender, m.recipients, m.signature, m.content_hash,
-       a.quarantine_path, a.original_path, a.scan_id
+       a.quarantine_path, a.original_path, a.scan_id, m.subject, m.header_from,
+       m.message_id
 FROM messages m
 JOIN actions a ON a.id = (SELECT max(a2.id) FROM actions a2
                           WHERE a2.message_id = m.id AND a2.outcome = 'ok')
@@ -74,6 +75,9 @@ class Entry:
     quarantine_path: str | None
     original_path: str | None
     scan_id: int | None
+    subject: str | None = None
+    header_from: str | None = None
+    message_id: str | None = None  # the Message-ID header
 
     def as_json(self) -> dict:
         """For output: texts escaped by the storage rule (valid JSON, lossless)."""
@@ -82,9 +86,20 @@ class Entry:
             "quarantined_at": self.quarantined_at.isoformat() if self.quarantined_at else None,
             "source": self.source, "kind": self.kind, "queue_id": self.queue_id,
             "sender": escape(self.sender), "recipients": escape(self.recipients),
+            "subject": escape(self.subject), "from": escape(self.header_from),
+            "message_id": escape(self.message_id),
             "signature": self.signature, "quarantine_path": escape(self.quarantine_path),
             "original_path": escape(self.original_path),
         }
+
+    def describe(self) -> list[str]:
+        """``name  value`` lines for `show`, each made safe for a terminal."""
+        values = {**self.as_json(), "sender": self.sender, "recipients": self.recipients,
+                  "subject": self.subject, "from": self.header_from,
+                  "message_id": self.message_id, "quarantine_path": self.quarantine_path,
+                  "original_path": self.original_path}
+        return [printable(f"{key:16} {'' if value is None else value}")
+                for key, value in values.items()]
 
 
 def _entry(row: dict) -> Entry:
@@ -95,7 +110,9 @@ def _entry(row: dict) -> Entry:
                  sender=unescape(row["sender"]), recipients=unescape(row["recipients"]),
                  signature=row["signature"],
                  quarantine_path=unescape(row["quarantine_path"]),
-                 original_path=unescape(row["original_path"]), scan_id=row["scan_id"])
+                 original_path=unescape(row["original_path"]), scan_id=row["scan_id"],
+                 subject=unescape(row["subject"]), header_from=unescape(row["header_from"]),
+                 message_id=unescape(row["message_id"]))
 
 
 def _timestamp(value: object) -> datetime | None:
@@ -292,7 +309,7 @@ def format_entry(entry: Entry) -> str:
     when = entry.quarantined_at.strftime("%Y-%m-%d %H:%M") if entry.quarantined_at else "?"
     who_ = entry.queue_id or entry.location.rpartition("/")[2]
     return printable(f"{entry.id:>7}  {when}  {entry.source:10.10}  "
-                     f"{entry.signature or '':36.36}  {who_}")
+                     f"{entry.signature or '':36.36}  {who_}  {entry.subject or ''}")
 
 
 def dump(entry: Entry) -> str:

@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 
 from inotify_simple import flags as inflags
 
+from spoolscan.addresses import domain_of
 from spoolscan.broker import Broker
 from spoolscan.config import Config, SourceConfig
 from spoolscan.fsutil import UnsafeFile
@@ -77,9 +78,9 @@ def direction(sender: str, recipients: tuple[str, ...], local_domains: tuple[str
     """inbound (to us from elsewhere), outbound (from us, leaving) or internal."""
 
     def local(address: str) -> bool:
-        domain = address.rpartition("@")[2].lower().rstrip(".")
-        return bool(domain) and any(domain == d or domain.endswith("." + d)
-                                    for d in local_domains)
+        domain = domain_of(address)
+        return domain is not None and any(domain == d or domain.endswith("." + d)
+                                          for d in local_domains)
 
     if not local(sender):
         return "inbound" if any(local(r) for r in recipients) or not recipients else "outbound"
@@ -152,6 +153,7 @@ class HoldSource(Source):
             direction=direction(envelope.sender, envelope.recipients,
                                 self.config.policy.local_domains),
             arrived_at=datetime.fromtimestamp(envelope.arrival_time, UTC),
+            client_address=envelope.client_address, helo=envelope.helo_name,
         )
 
     def _unreadable_info(self, entry: HoldEntry) -> MessageInfo:

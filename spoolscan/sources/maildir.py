@@ -199,7 +199,7 @@ class MaildirSource(Source):
     def job(self, sighting: Sighting, trigger: Trigger = Trigger.ARRIVAL) -> Job:
         loc: Location = sighting.data
         info = MessageInfo(source=self.name, kind=KIND, identity=sighting.identity,
-                           location=loc.path)
+                           location=loc.path, mailbox=loc.root)
         item = MaildirItem(loc)
         job = Job(info=info, open=lambda: self._open(job), trigger=trigger, payload=item)
         return job
@@ -226,8 +226,11 @@ class MaildirSource(Source):
             raise ContentUnavailable(f"{item.loc.path}: renamed again and again")
         with opened:
             item.key = opened.key
-            if job.info.location != item.loc.path:
-                job.info = replace(job.info, location=item.loc.path)
+            # The modification time is when the message was delivered, as far as the
+            # mailbox says (IMAP servers show it as the received date).
+            delivered = datetime.fromtimestamp(opened.st.st_mtime, UTC)
+            if job.info.location != item.loc.path or job.info.arrived_at != delivered:
+                job.info = replace(job.info, location=item.loc.path, arrived_at=delivered)
             with os.fdopen(os.dup(opened.fd), "rb", buffering=0) as stream:
                 # shared: the owner can change it while we read; the scan uses a copy.
                 yield Opened(stream=stream, fd=opened.fd,  # type: ignore[arg-type]

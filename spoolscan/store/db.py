@@ -7,11 +7,13 @@ scanner threads) do not block the writer; PostgreSQL is reached through psycopg 
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 
 import spoolscan
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
 
 # The newest migration in migrations/versions.  Checked against Alembic by the tests; kept
 # here so that starting spoolscan does not have to load Alembic to check the schema.
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 
 
 class StoreError(Exception):
@@ -96,12 +98,32 @@ def _alembic_config(url: str) -> AlembicConfig:
     return cfg
 
 
+@contextlib.contextmanager
+def foreign_keys_off(conn: Connection) -> Iterator[None]:
+    """On SQLite, foreign keys off for the block (PostgreSQL: nothing to do).
+
+    Alembic's batch mode changes a SQLite table by copying it and dropping the old one;
+    with foreign keys on, dropping ``messages`` would delete every scan and action with
+    it (ON DELETE CASCADE).  The pragma only works outside a transaction.
+    """
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    conn.commit()
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+        conn.commit()
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the schema up to ``revision`` (Alembic upgrade)."""
     from alembic import command
 
     cfg = _alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as conn:
+    with engine.connect() as conn, foreign_keys_off(conn), conn.begin():
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
 

@@ -11,9 +11,12 @@ Tables (migrated only by Alembic, see ``migrations/``):
 ``actions``       what was done to a message because of a scan: release, quarantine,
                   delete, hold, leave, restore; with its outcome.
 ``fingerprints``  every signature fingerprint seen, with when it was first and last seen.
+``message_recipients``  one row per recipient of a message: envelope recipients of held
+                  mail, the mailbox of delivered mail; with the domain, for reports.
 
-The view ``v_scans`` (one row per scan, joined with its message and action) is what the
-reports read; see ``spoolscan/store/views.py``.
+The views (``v_messages``, ``v_scans``, ``v_recipients``, ``v_actions``,
+``v_fingerprints``: see ``docs/sql.md``, created by the migrations) are what the reports
+read.
 """
 
 from __future__ import annotations
@@ -86,6 +89,15 @@ class Message(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
+    # From the content (first 64 KiB): decoded, unfolded, at most 1000 characters.
+    subject: Mapped[str | None] = mapped_column(Text)
+    message_id: Mapped[str | None] = mapped_column(Text)  # the Message-ID header
+    header_from: Mapped[str | None] = mapped_column(Text)
+    # From the envelope of held mail (smtpd's client_address and helo_name attributes).
+    client_address: Mapped[str | None] = mapped_column(Text)
+    helo: Mapped[str | None] = mapped_column(Text)
+    # Domain of the envelope sender, else of the From header's address (lower case).
+    sender_domain: Mapped[str | None] = mapped_column(Text)
 
 
 class Scan(Base):
@@ -142,3 +154,17 @@ class Fingerprint(Base):
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # When a rescan of the rescan window under this fingerprint last completed.
     rescanned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class MessageRecipient(Base):
+    """Who a message is for: each envelope recipient of held mail (in envelope order), or
+    the mailbox (its root directory) a delivered message rests in."""
+
+    __tablename__ = "message_recipients"
+    __table_args__ = (Index("ix_message_recipients_domain", "domain"),)
+
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"),
+                                            primary_key=True, autoincrement=False)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    address: Mapped[str] = mapped_column(Text)
+    domain: Mapped[str | None] = mapped_column(Text)  # lower case; None for a mailbox

@@ -30,16 +30,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from spoolscan.addresses import domain_of, sender_domain
 from spoolscan.backoff import Retry
 from spoolscan.model import Decision, MessageInfo, Prior, State, Verdict
 from spoolscan.store.db import check_schema, create_engine_for
-from spoolscan.store.models import Action, Fingerprint, Message, Scan
+from spoolscan.store.models import Action, Fingerprint, Message, MessageRecipient, Scan
 from spoolscan.text import escape, unescape
 
 messages = cast(Table, Message.__table__)
 scans = cast(Table, Scan.__table__)
 actions = cast(Table, Action.__table__)
 fingerprints = cast(Table, Fingerprint.__table__)
+message_recipients = cast(Table, MessageRecipient.__table__)
 
 # The lifecycle recorded in messages.state (see spoolscan.model.State).
 SEEN, VERDICT, ACTING, DONE = State.SEEN, State.VERDICT, State.ACTING, State.DONE
@@ -52,7 +54,9 @@ _NOT_LEFT_HOLD = ~and_(messages.c.kind == "postfix-hold", messages.c.state == DO
 
 
 _MESSAGE_FIELDS = ("location", "queue_id", "host", "sender", "recipients", "nrcpt",
-                   "direction", "size", "content_hash", "arrived_at", "updated_at")
+                   "direction", "size", "content_hash", "arrived_at", "updated_at",
+                   "subject", "message_id", "header_from", "client_address", "helo",
+                   "sender_domain")
 
 
 def _stored(params: dict[str, object]) -> dict[str, object]:
@@ -79,7 +83,25 @@ def _message_values(info: MessageInfo, now: datetime) -> dict[str, object]:
         "content_hash": info.content_hash,
         "arrived_at": info.arrived_at,
         "updated_at": now,
+        "subject": info.subject,
+        "message_id": info.message_id,
+        "header_from": info.header_from,
+        "client_address": info.client_address,
+        "helo": info.helo,
+        "sender_domain": sender_domain(info.sender, info.header_from),
     }
+
+
+def _recipient_values(message_id: int, info: MessageInfo) -> list[dict[str, object]]:
+    """Rows of ``message_recipients`` for a message: its envelope recipients, else the
+    mailbox it rests in."""
+    if info.recipients:
+        return [{"message_id": message_id, "position": i, "address": address,
+                 "domain": domain_of(address)} for i, address in enumerate(info.recipients)]
+    if info.mailbox:
+        return [{"message_id": message_id, "position": 0, "address": info.mailbox,
+                 "domain": None}]
+    return []
 
 
 def _candidate_conditions(since: datetime | None, fingerprint: str, source: str | None
@@ -316,9 +338,18 @@ class Store:
         result = conn.execute(stmt.returning(messages.c.source, messages.c.identity,
                                              messages.c.id, messages.c.state,
                                              messages.c.verdict, messages.c.signature,
-                                             messages.c.attempts), params)
+                                             messages.c.attempts, messages.c.first_seen_at),
+                              params)
         by_key = {(r.source, r.identity): r for r in result}
-        return [by_key[(escape(i.source), escape(i.identity))] for i in infos]
+        rows = [by_key[(escape(i.source), escape(i.identity))] for i in infos]
+        # Who a message is for does not change: written when its row is made (its
+        # first_seen_at is this batch's), not again for every later sighting or rescan.
+        recipients = [_stored(v) for i, r in zip(infos, rows, strict=True)
+                      if as_utc(r.first_seen_at) == now for v in _recipient_values(r.id, i)]
+        if recipients:
+            conn.execute(self._insert(message_recipients).on_conflict_do_nothing(
+                index_elements=["message_id", "position"]), recipients)
+        return rows
 
     def _record_batch(self, conn: Connection, records: Sequence[ScanRecord],
                       plan: Plan | None) -> list[StoredScan]:
@@ -607,5 +638,7 @@ class Store:
                 chunk = ids[i:i + 500]
                 conn.execute(actions.delete().where(actions.c.message_id.in_(chunk)))
                 conn.execute(scans.delete().where(scans.c.message_id.in_(chunk)))
+                conn.execute(message_recipients.delete()
+                             .where(message_recipients.c.message_id.in_(chunk)))
                 conn.execute(messages.delete().where(messages.c.id.in_(chunk)))
         return len(ids)
