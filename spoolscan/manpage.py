@@ -62,7 +62,7 @@ def _options(parser: argparse.ArgumentParser) -> list[str]:
             if action.nargs != 0:
                 choices = "{" + ",".join(map(str, action.choices)) + "}" \
                     if action.choices else action.dest.upper()
-                names += " " + (action.metavar or choices)
+                names += " " + str(action.metavar or choices)
         else:
             names = str(action.metavar or action.dest)
         lines += [".TP", f"\\fB{_roff(names)}\\fR", _roff(action.help or "")]
