@@ -26,6 +26,7 @@ from pathlib import Path
 from inotify_simple import INotify
 
 from spoolscan import fsutil
+from spoolscan.content import RELEASE_HEADER, RELEASE_TOKEN
 from spoolscan.fsutil import OpenFile, UnsafeFile
 from spoolscan.mailbox import Location, Mailbox
 from spoolscan.postfix import commands
@@ -199,6 +200,16 @@ class Broker:
 
     def flush(self, config_dir: str, ids: Sequence[str]) -> None:
         commands.flush(config_dir, ids)
+
+    def hold_inject(self, config_dir: str, sender: str, recipients: Sequence[str],
+                    token: str, content_fd: int) -> None:
+        """Submit the content of ``content_fd`` to the Postfix instance of ``config_dir``
+        with this envelope, under an ``X-Spoolscan-Release: token`` header (a release
+        from quarantine: the worker releases the held copy that carries the ticket)."""
+        if not RELEASE_TOKEN.fullmatch(token):
+            raise ValueError("not a release ticket")
+        header = f"{RELEASE_HEADER}: {token}\n".encode()
+        commands.inject(config_dir, sender, recipients, header, content_fd)
 
     # --- watching -------------------------------------------------------------------------
 

@@ -251,6 +251,10 @@ def cmd_quarantine(args: argparse.Namespace, config: Config) -> int:
                         for line in entry.describe():
                             print(line)
                         print("\n" + q.headers(config, entry, args.broker) + "\n")
+                elif args.q_command == "release" and args.dry_run:
+                    where = q.release(store, config, entry, args.broker, dry_run=True)
+                    _done(args, message_id, "would be released",
+                          f"would be released to {printable(where)}", to=where)
                 elif args.q_command == "release":
                     where = q.release(store, config, entry, args.broker)
                     _done(args, message_id, "released", f"released to {printable(where)}",
@@ -437,12 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only those quarantined within AGE")
     qp.add_argument("--json", action="store_true")
     for name, what in (("show", "details and headers"),
-                       ("release", "put a Maildir message back where it was"),
+                       ("release", "deliver it after all: a Maildir message goes back "
+                                   "where it was, held mail is re-injected with its "
+                                   "envelope and released once (docs/operations.md)"),
                        ("delete", "delete the quarantined copy")):
-        qp = qsub.add_parser(name, help=what)
+        qp = qsub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
         qp.add_argument("ids", nargs="+", type=int, metavar="ID",
                         help="message id (first column of `quarantine list`)")
-        qp.add_argument("--json", action="store_true")
+        qp.add_argument("--json", action="store_true", help="one JSON object per ID")
+        if name == "release":
+            qp.add_argument("--dry-run", action="store_true",
+                            help="say where each message would go; change nothing")
     qp = qsub.add_parser("purge", help="delete quarantined copies older than the retention")
     qp.add_argument("--older-than-days", type=int, metavar="N",
                     help="default: [quarantine] retention_days")

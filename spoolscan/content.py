@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from email.header import decode_header, make_header
 from typing import BinaryIO, Final, NamedTuple
 
+#: The header a message re-injected for a release from quarantine carries (its ticket).
+RELEASE_HEADER: Final = "X-Spoolscan-Release"
+RELEASE_TOKEN: Final = re.compile(r"[0-9a-f]{32}")
 _TRACE_NAMES: Final = frozenset({b"return-path", b"delivered-to", b"x-original-to"})
 # A single address: optional angle brackets, no spaces, at most 320 octets (RFC 5321 limits).
 _ADDRESS_VALUE: Final = re.compile(rb"[ \t]*(<[^<>\s]{0,320}>|[^<>\s@]{1,64}@[^<>\s@]{1,255})"
@@ -36,7 +39,8 @@ _ADDRESS_VALUE: Final = re.compile(rb"[ \t]*(<[^<>\s]{0,320}>|[^<>\s@]{1,64}@[^<
 _HEAD_LIMIT: Final = 64 * 1024  # trace headers are short; stop looking after this much
 CHUNK: Final = 256 * 1024
 HEADER_VALUE_LIMIT: Final = 1000  # characters kept of each header value (after decoding)
-_WANTED: Final = {b"subject": "subject", b"message-id": "message_id", b"from": "header_from"}
+_WANTED: Final = {b"subject": "subject", b"message-id": "message_id", b"from": "header_from",
+                   RELEASE_HEADER.lower().encode(): "release_token"}
 _LINE_END: Final = re.compile(rb"\r?\n")
 _HEADER_END: Final = re.compile(rb"\n\r?\n")
 
@@ -52,6 +56,9 @@ class Headers:
     subject: str | None = None
     message_id: str | None = None
     header_from: str | None = None
+    # ``X-Spoolscan-Release``: the ticket of a release from quarantine (see
+    # spoolscan.quarantine.release); only its well-formed value is kept.
+    release_token: str | None = None
 
 
 class Digest(NamedTuple):
@@ -123,7 +130,11 @@ def parse_headers(head: bytes) -> Headers:
             current = key
         elif len(found) == len(_WANTED):
             break
-    return Headers(**{key: decode_value(raw) for key, raw in found.items()})
+    values = {key: decode_value(raw) for key, raw in found.items()}
+    token = values.pop("release_token", None)
+    if token is not None and RELEASE_TOKEN.fullmatch(token):
+        values["release_token"] = token
+    return Headers(**values)
 
 
 def _read_head(stream: BinaryIO) -> bytes:

@@ -130,6 +130,7 @@ class MessageInfo:
     client_address: str | None = None
     helo: str | None = None
     mailbox: str | None = None
+    release_token: str | None = None  # X-Spoolscan-Release: not stored with the message
 
 
 class ContentUnavailable(Exception):
@@ -199,6 +200,17 @@ class Prior:
     verdict: Verdict | None
     signature: str | None
     attempts: int
+    # An admin's release from quarantine that this message (re-injected) fulfils.
+    release: ReleaseTicket | None = None
+
+
+@dataclass(frozen=True)
+class ReleaseTicket:
+    """A release from quarantine of a held message, claimed by its re-injected copy."""
+
+    id: int
+    original_id: int  # the quarantined message (messages.id)
+    requested_by: str
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from spoolscan.text import printable
 
 if TYPE_CHECKING:
     from spoolscan.metrics import Metrics
+    from spoolscan.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,11 @@ class Worker:
     """Runs the pipeline for a set of sources.  See the module docstring."""
 
     def __init__(self, config: Config, store: Store, client: ClamdClient,
-                 sources: Iterable[Source], metrics: Metrics | None = None) -> None:
+                 sources: Iterable[Source], metrics: Metrics | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
         self.metrics = metrics
+        self.notifier = notifier
         self.store = store
         self.service = ScanService(client=client, store=store,
                                    snapshot_dir=config.quarantine.directory)
@@ -338,6 +341,8 @@ class Worker:
             records.append(record)
             self._count(p, record)
             log.log(line_level(p, record), "%s", log_line(p, record), extra=line_fields(p))
+            if self.notifier is not None and record.outcome != ActionOutcome.FAILED:
+                self.notifier.note(p)
             if (p.outcome.result.verdict == Verdict.INFECTED
                     and p.outcome.info.direction in ("outbound", "internal")):
                 log.warning("%s: infected mail sent by local sender <%s>: the account may be "
@@ -467,6 +472,8 @@ class Worker:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        if self.notifier is not None:
+            self.notifier.start()
         if watch:
             for source in self.sources.values():
                 source.start(self.submit)
@@ -511,6 +518,8 @@ class Worker:
             t.join(max(0.1, deadline - time.monotonic()))
         self._pool.shutdown(wait=True)
         self._threads.clear()
+        if self.notifier is not None:
+            self.notifier.stop()  # after the last action: its notices go out first
 
     def run_once(self) -> None:
         """Process what is there now (and what arrives meanwhile), then stop."""

@@ -9,6 +9,11 @@ A message an admin released from quarantine (state ``released``) is never quaran
 again for the signature it was released from, whatever triggers the scan (its arrival
 back in the mailbox, a sweep, a rescan, a restart).  A *different* signature is new
 information and is acted on as usual.
+
+A held message that carries the ticket of an admin's release from quarantine (the
+re-injected copy, see ``spoolscan.quarantine.commands``) is released whatever its verdict:
+the store matched the ticket to the envelope it was issued for and consumed it.  Its
+delivered copies (same content) are left in the mailboxes, marked released.
 """
 
 from __future__ import annotations
@@ -29,6 +34,17 @@ def decide(result: ScanResult, *, held: bool, prior: Prior | None, policy: Polic
     row before this scan (None for a message never seen).
     """
     kept = Action.HOLD if held else Action.LEAVE
+    if prior is not None and prior.release is not None:
+        # The copy an admin re-injected to release it from quarantine (held), or that
+        # copy delivered (in a mailbox): let through whatever this scan says, the admin
+        # saw the verdict and chose.
+        r = prior.release
+        why = (f"{result.verdict}{f' ({result.signature})' if result.signature else ''}; "
+               f"released from quarantine by {r.requested_by} (message {r.original_id}, "
+               f"release {r.id})")
+        if held:
+            return Decision(Action.RELEASE, State.ACTING, why)
+        return Decision(Action.LEAVE, State.RELEASED, why)
     released = prior is not None and prior.state == State.RELEASED
     if result.verdict == Verdict.CLEAN:
         if held:

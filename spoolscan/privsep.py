@@ -330,11 +330,21 @@ class Helper:
         return _Reply(_loc_json(self.broker.mailbox_restore(
             self.policy.location(loc), fds[0], tuple(times) if times else None)))
 
+    def inject(self, args: list, fds: list[int]) -> _Reply:
+        config_dir, sender, recipients, token = args
+        if len(fds) != 1:
+            raise HelperError("hold_inject needs one descriptor")
+        self.broker.hold_inject(self.policy.config_dir(config_dir), str(sender),
+                                [str(r) for r in recipients], str(token), fds[0])
+        return _Reply(None)
+
     def handle(self, request: dict, fds: list[int]) -> _Reply:
         op, args = request.get("op"), request.get("args", [])
         try:
             if op == "mailbox_restore":
                 return self.restore(args, fds)
+            if op == "hold_inject":
+                return self.inject(args, fds)
             handler = self.ops.get(str(op))
             if handler is None:
                 raise HelperError(f"unknown operation {op!r}")
@@ -507,6 +517,11 @@ class RemoteBroker:
 
     def flush(self, config_dir: str, ids: Sequence[str]) -> None:
         self._value("flush", config_dir, list(ids))
+
+    def hold_inject(self, config_dir: str, sender: str, recipients: Sequence[str],
+                    token: str, content_fd: int) -> None:
+        self._call("hold_inject", config_dir, sender, list(recipients), token,
+                   fds=[content_fd])
 
     # watching
 

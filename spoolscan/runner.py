@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from spoolscan.metrics import Metrics
+    from spoolscan.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,17 @@ def build_worker(config: Config, store: Store, only: str | None = None,
     """A Worker for every configured source (or only the one named ``only``)."""
     broker = broker or Broker()
     return Worker(config, store, build_client(config), build_sources(config, store, broker, only),
-                  metrics=metrics)
+                  metrics=metrics, notifier=build_notifier(config, store))
+
+
+def build_notifier(config: Config, store: Store) -> Notifier | None:
+    """The notifier ``[notify]`` asks for (None: nobody to tell)."""
+    if not (config.notify.admin or config.notify.recipients):
+        return None
+    from spoolscan.notify import Notifier
+
+    return Notifier(config.notify, store, config.policy.local_domains,
+                    config.policy.max_attempts)
 
 
 def build_client(config: Config) -> ClamdClient:
@@ -171,6 +182,8 @@ class Main:
         if self.on_reload is not None:
             self.on_reload(new)
         self.worker.reconfigure(new, build_client(new), sources)
+        if self.worker.notifier is not None:
+            self.worker.notifier.config = new.notify
         self.config = new
         self.scheduler_shutdown()
         self.start_scheduler()

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from spoolscan import fsutil
 from spoolscan.clamd import ClamdClient, ClamdError
-from spoolscan.content import content_hash, read_headers
+from spoolscan.content import Headers, content_hash, read_headers
 from spoolscan.model import (
     ContentUnavailable,
     Job,
@@ -247,8 +247,7 @@ class ScanService:
 
     def _hash_and_scan(self, job: Job, opened: Opened, fingerprint: str | None) -> Outcome:
         digest, size, headers = content_hash(opened.stream)
-        info = replace(job.info, content_hash=digest, size=size, subject=headers.subject,
-                       message_id=headers.message_id, header_from=headers.header_from)
+        info = _headers_into(replace(job.info, content_hash=digest, size=size), headers)
         key = (digest, fingerprint) if fingerprint and self.use_cache else None
         if key is not None:
             self.cache.warm(key[1])
@@ -285,8 +284,12 @@ def _with_headers(info: MessageInfo, stream: BinaryIO, size: int) -> MessageInfo
         headers = read_headers(stream)
     except (ContentUnavailable, OSError):
         return replace(info, size=size)
-    return replace(info, size=size, subject=headers.subject, message_id=headers.message_id,
-                   header_from=headers.header_from)
+    return _headers_into(replace(info, size=size), headers)
+
+
+def _headers_into(info: MessageInfo, headers: Headers) -> MessageInfo:
+    return replace(info, subject=headers.subject, message_id=headers.message_id,
+                   header_from=headers.header_from, release_token=headers.release_token)
 
 
 def run_jobs(service: ScanService, jobs: Iterable[Job], concurrency: int,

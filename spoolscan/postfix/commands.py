@@ -27,6 +27,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "PostfixCommandError",
     "delete",
     "flush",
+    "inject",
     "list_queue",
     "myhostname",
     "queue_directory",
@@ -309,6 +311,62 @@ def flush(
         else:
             accepted.add(qid)
     return accepted
+
+
+# Envelope addresses for a command line: Postfix's own limit, no control characters (a
+# newline could not be passed safely, a NUL not at all).
+_ADDRESS_OK = re.compile(r"[^\x00-\x1f\x7f]{0,2048}")
+
+
+def inject(
+    config_dir: PathArg | None, sender: str, recipients: Sequence[str], header: bytes,
+    content_fd: int, *, bin_dir: PathArg | None = None, timeout: float = DEFAULT_TIMEOUT,
+) -> None:
+    """Submit a message through ``sendmail`` (pickup, cleanup: the normal path, so every
+    check of the instance applies) with this envelope: ``header`` (one complete header
+    line) then the content read from ``content_fd`` (from its start, in chunks).
+
+    The recipients come after ``--`` (one starting with ``-`` is not an option).  Raises
+    ``PostfixCommandError`` if sendmail cannot run or exits non-zero, ``ValueError`` for
+    an address that cannot be passed on a command line.
+    """
+    if not recipients:
+        raise ValueError("no recipient to send to")
+    for address in (sender, *recipients):
+        if not _ADDRESS_OK.fullmatch(address):
+            raise ValueError(f"address {address[:80]!r} cannot be passed to sendmail")
+    argv = [_find("sendmail", bin_dir)]
+    if config_dir is not None:
+        argv += ["-C", str(config_dir)]
+    # -i: a line with a single dot is content; -f: the envelope sender (empty: bounces).
+    argv += ["-i", "-f", sender, "--", *recipients]
+    # stderr to a file: a pipe nobody reads while we write could fill and block both.
+    with tempfile.TemporaryFile() as errors:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=errors)
+        except OSError as exc:
+            raise PostfixCommandError(f"cannot run {argv[0]}: {exc}") from exc
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(header)
+            offset = 0
+            while chunk := os.pread(content_fd, 1 << 16, offset):
+                proc.stdin.write(chunk)
+                offset += len(chunk)
+            proc.stdin.close()
+            proc.wait(timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            proc.kill()
+            proc.wait()
+            raise PostfixCommandError(f"{argv[0]} failed while reading the message: "
+                                      f"{exc}; nothing was submitted") from exc
+        errors.seek(0)
+        err = errors.read(4096)
+    if proc.returncode != 0:
+        detail = err.decode("utf-8", "replace").strip() or "(no output)"
+        raise PostfixCommandError(f"{argv[0]} failed (exit {proc.returncode}): {detail}; "
+                                  f"{_advice(detail, config_dir)}")
 
 
 def wake_qmgr(queue_dir: PathArg) -> bool:

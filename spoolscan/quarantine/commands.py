@@ -12,8 +12,17 @@ deleted through the broker, as the owner, never by following a path a user could
 
 Release puts a Maildir message back where it was (same folder, same name, so its flags)
 and marks it ``released``: no later scan quarantines it again for the same signature.
-Mail quarantined from the Postfix hold queue is not re-injected by spoolscan yet: the
-command says so and prints where the copy and its envelope are.
+
+Mail quarantined from the Postfix hold queue is released by re-injecting the copy through
+that Postfix's ``sendmail`` with its original envelope (sender, recipients) and one more
+header, ``X-Spoolscan-Release: <ticket>``.  The re-injected copy is held like any other
+mail; the worker finds the ticket while hashing it, and the store matches it to the
+release (same sender, no other recipient) and consumes it in the transaction that
+records the verdict: that copy is released whatever its verdict, once; a second copy
+with the same ticket, or one with another envelope, is treated as any other mail.  The
+ticket is 128 random bits known only to the store.  Nothing in Postfix's configuration
+changes for this (no second pickup service without header checks): the copy takes the
+normal path, milters and checks included.
 """
 
 from __future__ import annotations
@@ -23,18 +32,19 @@ import getpass
 import json
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import text
 
 from spoolscan.broker import Broker
-from spoolscan.config import Config
+from spoolscan.config import Config, ConfigError
 from spoolscan.fsutil import OpenFile, UnsafeFile
 from spoolscan.mailbox import QUARANTINE_FOLDER, Location, is_folder_name
 from spoolscan.model import Action, ActionOutcome, State
 from spoolscan.quarantine.store import QuarantineStore
-from spoolscan.store.repo import Store, as_utc, utcnow
+from spoolscan.store.repo import ReleaseExists, Store, as_utc, utcnow
 from spoolscan.text import escape, printable, unescape
 
 log = logging.getLogger(__name__)
@@ -50,7 +60,7 @@ JOIN actions a ON a.id = (SELECT max(a2.id) FROM actions a2
 WHERE a.action = 'quarantine'
 """
 _LAST_OK = """
-SELECT a.action, a.completed_at FROM actions a
+SELECT a.action, a.completed_at, a.detail FROM actions a
 WHERE a.message_id = :id AND a.outcome = 'ok' ORDER BY a.id DESC LIMIT 1
 """
 _HEADER_LIMIT = 64 * 1024
@@ -139,10 +149,19 @@ def get(store: Store, message_id: int) -> Entry:
     if row is not None:
         return _entry(dict(row))
     if last is not None and last.action in (Action.RESTORE, Action.DELETE):
-        what = "released" if last.action == Action.RESTORE else "deleted from quarantine"
         when = _timestamp(last.completed_at)
-        raise QuarantineError(f"message {message_id} was already {what}"
-                              + (f" on {when:%Y-%m-%d %H:%M} UTC" if when else ""))
+        on = f" on {when:%Y-%m-%d %H:%M} UTC" if when else ""
+        if last.action == Action.DELETE:
+            how = "purged" if (last.detail or "").startswith("purged") else "deleted"
+            raise QuarantineError(f"message {message_id} was {how} from quarantine{on}: "
+                                  "it is gone, there is nothing to release")
+        detail = f" ({printable(unescape(last.detail))})" if last.detail else ""
+        release = store.release_of(message_id)
+        if release is not None and release["released_queue_id"]:
+            detail += f"; its copy left the hold queue as {release['released_queue_id']}"
+        elif release is not None:
+            detail += "; its copy has not passed the hold queue yet"
+        raise QuarantineError(f"message {message_id} was already released{on}{detail}")
     raise QuarantineError(f"message {message_id} is not in quarantine (see "
                           "`spoolscan quarantine list`)")
 
@@ -233,15 +252,13 @@ def who() -> str:
 
 def release(store: Store, config: Config, entry: Entry, broker: Broker | None = None,
             dry_run: bool = False) -> str:
-    """Put a Maildir message back where it was; returns its path.  The message is then
-    ``released``: no later scan quarantines it again for the same signature."""
+    """Release a quarantined message; returns where it went (``dry_run``: where it would
+    go, nothing done).  A Maildir message goes back where it was and is then
+    ``released``: no later scan quarantines it again for the same signature.  A message
+    from the hold queue is re-injected (see the module docstring)."""
     broker = broker or Broker()
-    if entry.kind != "maildir":
-        meta_path = (entry.quarantine_path or "").rpartition("/")[0] + "/meta.json"
-        raise QuarantineError(
-            f"message {entry.id} came from the Postfix hold queue; spoolscan cannot "
-            f"re-inject it yet (it would be held and quarantined again). The copy is "
-            f"{printable(entry.quarantine_path or '?')}, its envelope {printable(meta_path)}")
+    if entry.kind == "postfix-hold":
+        return _release_held(store, config, entry, broker, dry_run)
     copy = _Copy(config, entry, broker)
     target = _original(entry, copy)
     if dry_run:
@@ -270,7 +287,52 @@ def release(store: Store, config: Config, entry: Entry, broker: Broker | None = 
     return released.path
 
 
-def delete(store: Store, config: Config, entry: Entry, broker: Broker | None = None) -> None:
+def _release_held(store: Store, config: Config, entry: Entry, broker: Broker,
+                  dry_run: bool) -> str:
+    copy = _Copy(config, entry, broker)
+    if not copy.in_store:
+        raise QuarantineError(f"message {entry.id}: its copy is not in the quarantine store")
+    meta = copy.store.meta(entry.quarantine_path or "")
+    sender, recipients = meta.get("sender"), meta.get("recipients")
+    if not (isinstance(sender, str) and isinstance(recipients, list) and recipients
+            and all(isinstance(r, str) for r in recipients)):
+        raise QuarantineError(f"message {entry.id}: the envelope of its copy is missing "
+                              f"or incomplete ({printable(entry.quarantine_path or '')}"
+                              "/../meta.json); it cannot be re-injected as it was")
+    try:
+        config_dir = config.source(entry.source).config_directory
+    except ConfigError:
+        raise QuarantineError(f"message {entry.id} came from the source {entry.source!r}, "
+                              "which is no longer configured: add it back to release "
+                              "the message") from None
+    where = f"the Postfix of {config_dir}"
+    envelope = (f"from <{printable(sender)}> to "
+                + ", ".join(f"<{printable(r)}>" for r in recipients))
+    if dry_run:
+        return f"{where}, {envelope} (it is then released when it passes the hold queue)"
+    with copy.open() as opened:
+        token = secrets.token_hex(16)
+        try:
+            release_id = store.create_release(entry.id, token, who(), sender, recipients)
+        except ReleaseExists:
+            raise QuarantineError(f"message {entry.id} was already released") from None
+        try:
+            broker.hold_inject(config_dir, sender, recipients, token, opened.fd)
+        except Exception as exc:
+            store.cancel_release(release_id)
+            raise QuarantineError(f"message {entry.id}: could not re-inject it into "
+                                  f"{where}: {printable(str(exc))}; nothing was "
+                                  "released") from None
+    store.record_action(entry.id, entry.scan_id, Action.RESTORE, ActionOutcome.OK,
+                        f"released from quarantine by {who()}: re-injected into {where} "
+                        f"{envelope} (release {release_id})", state=State.RELEASED,
+                        original_path=entry.quarantine_path)
+    copy.remove()
+    return f"{where} (release {release_id}), {envelope}"
+
+
+def delete(store: Store, config: Config, entry: Entry, broker: Broker | None = None,
+           reason: str | None = None) -> None:
     """Delete the quarantined copy for good (QuarantineError if it cannot be)."""
     if entry.quarantine_path:
         try:
@@ -282,7 +344,7 @@ def delete(store: Store, config: Config, entry: Entry, broker: Broker | None = N
             raise QuarantineError(f"message {entry.id}: the quarantined copy cannot be "
                                   f"deleted: {exc}") from None
     store.record_action(entry.id, entry.scan_id, Action.DELETE, ActionOutcome.OK,
-                        f"deleted from quarantine by {who()}", state=State.DONE,
+                        reason or f"deleted from quarantine by {who()}", state=State.DONE,
                         quarantine_path=entry.quarantine_path)
 
 
@@ -298,7 +360,8 @@ def purge(store: Store, config: Config, older_than_days: int,
         # One entry that cannot be deleted (its owner swapped their .Quarantine folder,
         # say) must not stop the purge of everybody else's.
         try:
-            delete(store, config, entry, broker)
+            delete(store, config, entry, broker,
+                   reason=f"purged: quarantined more than {older_than_days} days ago")
             deleted += 1
         except Exception as exc:
             log.error("purge: %s", printable(str(exc)))

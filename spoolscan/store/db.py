@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # The newest migration in migrations/versions.  Checked against Alembic by the tests; kept
 # here so that starting spoolscan does not have to load Alembic to check the schema.
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 
 
 class StoreError(Exception):

@@ -168,3 +168,47 @@ class MessageRecipient(Base):
     position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     address: Mapped[str] = mapped_column(Text)
     domain: Mapped[str | None] = mapped_column(Text)  # lower case; None for a mailbox
+
+
+class Release(Base):
+    """An admin's release of a message quarantined from the Postfix hold queue: the copy
+    is re-injected with a header carrying ``token``; the worker releases the held copy
+    that carries it (once, whatever its verdict) and records which message that was."""
+
+    __tablename__ = "releases"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    # One release per quarantined message: a second one is refused.
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"),
+                                            unique=True)
+    token: Mapped[str] = mapped_column(String(64), unique=True)
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    requested_by: Mapped[str] = mapped_column(Text)  # the admin's login name
+    sender: Mapped[str | None] = mapped_column(Text)
+    recipients: Mapped[str] = mapped_column(Text)  # JSON array of the envelope recipients
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|consumed
+    consumed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The re-injected message (a new row in messages) that was released.
+    consumed_by: Mapped[int | None] = mapped_column(
+        ForeignKey("messages.id", ondelete="SET NULL"))
+
+
+class Notice(Base):
+    """A notification spoolscan sent (or held back by the rate limit) about a message."""
+
+    __tablename__ = "notices"
+    __table_args__ = (Index("ix_notices_created_at", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    event: Mapped[str] = mapped_column(String(16))  # infected|retroactive|stuck|outbound|digest
+    message_id: Mapped[int | None] = mapped_column(
+        ForeignKey("messages.id", ondelete="SET NULL"))
+    recipient: Mapped[str] = mapped_column(Text)  # who is told
+    kind: Mapped[str] = mapped_column(String(16))  # admin | recipient
+    subject: Mapped[str | None] = mapped_column(Text)
+    # queued (waits for the next digest or send) | sent | failed | limited (over the
+    # hourly limit: counted in the next digest)
+    status: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str | None] = mapped_column(Text)

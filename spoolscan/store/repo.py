@@ -6,6 +6,8 @@ its message row or not at all.  Callers act on mail only after ``record_scans`` 
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -17,6 +19,7 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Row,
+    RowMapping,
     Table,
     and_,
     bindparam,
@@ -29,19 +32,30 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 
 from spoolscan.addresses import domain_of, sender_domain
 from spoolscan.backoff import Retry
-from spoolscan.model import Decision, MessageInfo, Prior, State, Verdict
+from spoolscan.model import Decision, MessageInfo, Prior, ReleaseTicket, State, Verdict
 from spoolscan.store.db import check_schema, create_engine_for
-from spoolscan.store.models import Action, Fingerprint, Message, MessageRecipient, Scan
+from spoolscan.store.models import (
+    Action,
+    Fingerprint,
+    Message,
+    MessageRecipient,
+    Release,
+    Scan,
+)
 from spoolscan.text import escape, unescape
+
+log = logging.getLogger(__name__)
 
 messages = cast(Table, Message.__table__)
 scans = cast(Table, Scan.__table__)
 actions = cast(Table, Action.__table__)
 fingerprints = cast(Table, Fingerprint.__table__)
 message_recipients = cast(Table, MessageRecipient.__table__)
+releases = cast(Table, Release.__table__)
 
 # The lifecycle recorded in messages.state (see spoolscan.model.State).
 SEEN, VERDICT, ACTING, DONE = State.SEEN, State.VERDICT, State.ACTING, State.DONE
@@ -145,6 +159,14 @@ def as_utc(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
+
+
+class ReleaseExists(Exception):
+    """The message has a release already (one release per quarantined message)."""
+
+    def __init__(self, message_id: int) -> None:
+        super().__init__(f"message {message_id} has been released already")
+        self.message_id = message_id
 
 
 @dataclass(frozen=True)
@@ -355,6 +377,7 @@ class Store:
                       plan: Plan | None) -> list[StoredScan]:
         now = utcnow()
         before = self._upsert_messages(conn, [r.message for r in records], now)
+        tickets = self._claim_releases(conn, records, before, now)
         stored: list[StoredScan] = []
         scan_params = []
         updates = []
@@ -370,7 +393,8 @@ class Store:
             if plan is not None:
                 prior = Prior(prev.id, State(prev.state) if prev.state else None,
                               Verdict(prev.verdict) if prev.verdict else None,
-                              prev.signature, prev.attempts)
+                              prev.signature, prev.attempts,
+                              release=tickets.get(prev.id))
                 decision = plan(r, prior)
                 state = VERDICT if decision.acts else decision.state
                 next_at = decision.next_attempt_at
@@ -400,6 +424,101 @@ class Store:
                 next_attempt_at=bindparam("b_next"), last_error=bindparam("b_error"),
                 updated_at=bindparam("b_now")), updates)
         return [replace(s, scan_id=scan_ids[s.message_id]) for s in stored]
+
+    def _claim_releases(self, conn: Connection, records: Sequence[ScanRecord],
+                        before: Sequence[Row], now: datetime) -> dict[int, ReleaseTicket]:
+        """The releases from quarantine that messages of this batch fulfil (by the ticket
+        in their X-Spoolscan-Release header).  Message id → ticket.
+
+        Held mail claims its ticket in this transaction: a ticket is consumed by one
+        message only (another copy carrying it is not released), and only by a message
+        with the envelope it was issued for (same sender, no recipient it was not issued
+        for).  A delivered copy (Maildir) is recognised, not claimed: the ticket must be
+        consumed already, by held mail with exactly this content (the hash leaves out the
+        trace headers delivery adds), so that a forwarded or rewritten copy is not."""
+        wanted: dict[str, list[tuple[ScanRecord, Row]]] = {}
+        for r, prev in zip(records, before, strict=True):
+            if r.message.release_token:
+                wanted.setdefault(r.message.release_token, []).append((r, prev))
+        if not wanted:
+            return {}
+        consumer = messages.alias("consumer")
+        rows = conn.execute(
+            select(releases, consumer.c.content_hash.label("released_hash"))
+            .select_from(releases.outerjoin(consumer,
+                                            consumer.c.id == releases.c.consumed_by))
+            .where(releases.c.token.in_(list(wanted))))
+        claimed: dict[int, ReleaseTicket] = {}
+        for row in rows.mappings():
+            for r, prev in wanted[row["token"]]:
+                ticket = self._claim(conn, row, r, prev, now)
+                if ticket is not None:
+                    claimed[prev.id] = ticket
+        return claimed
+
+    def _claim(self, conn: Connection, row: RowMapping, r: ScanRecord, prev: Row,
+               now: datetime) -> ReleaseTicket | None:
+        info = r.message
+        ticket = ReleaseTicket(row["id"], row["message_id"], unescape(row["requested_by"]))
+        if info.kind != "postfix-hold":
+            if (row["state"] == "consumed" and info.content_hash
+                    and info.content_hash == row["released_hash"]):
+                return ticket
+            log.warning("%s: carries the ticket of release %d but is not the content "
+                        "that was released; treated as any other message",
+                        info.location, row["id"])
+            return None
+        issued_for = set(json.loads(row["recipients"]))
+        if (escape(info.sender or "") != (row["sender"] or "")
+                or not {escape(a) for a in info.recipients} <= issued_for):
+            log.warning("%s: carries the ticket of release %d but not its envelope; "
+                        "treated as any other message", info.location, row["id"])
+            return None
+        done = conn.execute(
+            update(releases).where(releases.c.id == row["id"]).where(or_(
+                releases.c.state == "pending", releases.c.consumed_by == prev.id))
+            .values(state="consumed", consumed_by=prev.id,
+                    consumed_at=func.coalesce(releases.c.consumed_at, now)))
+        if done.rowcount == 1:
+            return ticket
+        log.warning("%s: carries the ticket of release %d, fulfilled by another "
+                    "message already; treated as any other message", info.location,
+                    row["id"])
+        return None
+
+    def create_release(self, message_id: int, token: str, requested_by: str,
+                       sender: str | None, recipients: Sequence[str]) -> int:
+        """Record a release of a message quarantined from the hold queue before its copy
+        is re-injected; returns its id.  ``ReleaseExists`` if it has one already."""
+        row = {"message_id": message_id, "token": token, "requested_at": utcnow(),
+               "requested_by": escape(requested_by), "sender": escape(sender or ""),
+               "recipients": json.dumps([escape(a) for a in recipients]),
+               "state": "pending"}
+        try:
+            with self.engine.begin() as conn:
+                return int(conn.execute(insert(releases).returning(releases.c.id),
+                                        row).scalar_one())
+        except IntegrityError:
+            raise ReleaseExists(message_id) from None
+
+    def cancel_release(self, release_id: int) -> None:
+        """Forget a release whose copy could not be re-injected (it can be tried again)."""
+        with self.engine.begin() as conn:
+            conn.execute(releases.delete().where(releases.c.id == release_id)
+                         .where(releases.c.state == "pending"))
+
+    def release_of(self, message_id: int) -> dict | None:
+        """The release of a quarantined message, with the queue ID of the copy that
+        was released (None while it waits in the hold queue)."""
+        consumer = messages.alias("consumer")
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(releases, consumer.c.queue_id.label("released_queue_id"))
+                .select_from(releases.outerjoin(consumer,
+                                                consumer.c.id == releases.c.consumed_by))
+                .where(releases.c.message_id == message_id)).mappings().first()
+        return ({k: unescape(v) if isinstance(v, str) else v for k, v in row.items()}
+                if row is not None else None)
 
     def record_action(self, message_id: int, scan_id: int | None, action: str, outcome: str,
                       detail: str | None = None, *, state: str | None = None,
