@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,18 +152,25 @@ def py_spy() -> str | None:
 
 
 class Profiler:
-    """``py-spy record --subprocesses --format raw`` attached to a running process (or
-    starting a command), stopped with SIGINT; the raw output is folded stacks, one line
-    per distinct stack with its sample count."""
+    """``py-spy record --subprocesses --nonblocking --gil --format raw`` attached to a
+    running process (or starting a command), stopped with SIGINT; the raw output is folded
+    stacks, one line per distinct stack with its sample count.
+
+    ``--gil``: only the thread holding the GIL is sampled, so the samples show where the
+    process spends its Python CPU (it is GIL-bound), not where threads wait.  Without it,
+    py-spy counts threads blocked in ``recvmsg`` on the helper's sockets as active (its
+    idle detection misses them), and they swamp the table.  Time in C code that releases
+    the GIL (SQLite, hashing of large buffers, socket I/O) is not counted.
+    ``--nonblocking``: the process is not paused for each sample (less disturbance)."""
 
     def __init__(self, out: Path, *, pid: int | None = None, command: list[str] | None = None,
-                 rate: int = 100) -> None:
+                 rate: int = 250) -> None:
         exe = py_spy()
         if exe is None:
             raise RuntimeError("py-spy is not installed: .venv/bin/pip install py-spy")
         self.out = out
-        argv = [exe, "record", "--subprocesses", "--format", "raw", "--rate", str(rate),
-                "-o", str(out)]
+        argv = [exe, "record", "--subprocesses", "--nonblocking", "--gil",
+                "--format", "raw", "--rate", str(rate), "-o", str(out)]
         argv += ["--pid", str(pid)] if pid is not None else ["--", *(command or [])]
         self.log = open(out.with_suffix(".log"), "wb")  # noqa: SIM115  (closed in stop())
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
@@ -188,6 +195,10 @@ class Profiler:
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 _PROCESS = re.compile(r'^process (\d+):"')
+#: Frames on every stack of a thread or of the main program: left out of "top by total".
+_GENERIC = {"Thread._bootstrap (threading.py)", "Thread._bootstrap_inner (threading.py)",
+            "Thread.run (threading.py)", "_run_code (<frozen runpy>)",
+            "_run_module_as_main (<frozen runpy>)", "<module> (spoolscan/__main__.py)"}
 
 
 def _short(path: str) -> str:
@@ -208,7 +219,7 @@ class ProfileTable:
     def render(self) -> str:
         if not self.samples:
             return f"{self.title}: no samples\n"
-        out = [f"{self.title}: {self.samples} samples (non-idle)", "",
+        out = [f"{self.title}: {self.samples} samples holding the GIL", "",
                "| top by self | self % | total % |", "|---|---:|---:|"]
         out += [f"| `{f}` | {s:.1f} | {t:.1f} |" for f, s, t in self.by_self]
         out += ["", "| top by total | total % | self % |", "|---|---:|---:|"]
@@ -216,13 +227,17 @@ class ProfileTable:
         return "\n".join(out) + "\n"
 
 
-def profile_tables(raw: Path, pids: dict[int, str], top: int = 15) -> list[ProfileTable]:
-    """Top functions per process (``pids``: pid → label) from py-spy's raw output: self %
+def profile_tables(raw: Path, pids: dict[int, str] | None = None, top: int = 15,
+                   by_depth: dict[int, str] | None = None) -> list[ProfileTable]:
+    """Top functions per process from py-spy's raw output, the processes named by pid
+    (``pids``: pid → label) or by depth in the process tree (``by_depth``: 1 → the process
+    py-spy started or attached to, 2 → its children...): self %
     (samples with the function as the innermost frame) and total % (samples with it
     anywhere on the stack), of that process's non-idle samples.  A function is named
     ``name (file)``, every line of it together."""
-    selfc: dict[int, Counter[str]] = {p: Counter() for p in pids}
-    totalc: dict[int, Counter[str]] = {p: Counter() for p in pids}
+    pids = dict(pids or {})
+    selfc: dict[int, Counter[str]] = defaultdict(Counter)
+    totalc: dict[int, Counter[str]] = defaultdict(Counter)
     samples: Counter[int] = Counter()
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -231,14 +246,18 @@ def profile_tables(raw: Path, pids: dict[int, str], top: int = 15) -> list[Profi
         count = int(count_text)
         frames = stack.split(";")
         pid = None
+        depth = 0
         funcs = []
         for frame in frames:
             m = _PROCESS.match(frame)
             if m:
                 pid = int(m.group(1))
+                depth += 1
                 continue
             f = _FRAME.match(frame)
             funcs.append(f"{f.group('func')} ({_short(f.group('file'))})" if f else frame)
+        if by_depth and depth in by_depth and pid not in pids:
+            pids[pid] = f"{by_depth[depth]} (pid {pid})"
         if pid not in pids or not funcs:
             continue
         samples[pid] += count
@@ -257,5 +276,6 @@ def profile_tables(raw: Path, pids: dict[int, str], top: int = 15) -> list[Profi
 
         tables.append(ProfileTable(label, n,
                                    [row(f) for f, _ in selfc[pid].most_common(top)],
-                                   [row(f) for f, _ in totalc[pid].most_common(top)]))
+                                   [row(f) for f, _ in totalc[pid].most_common(top + 6)
+                                    if f not in _GENERIC][:top]))
     return tables
