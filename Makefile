@@ -40,7 +40,8 @@ fuzz: deps venv
 	SPOOLSCAN_FUZZ_EXAMPLES=$${SPOOLSCAN_FUZZ_EXAMPLES:-100000} $(PY) -m pytest -q \
 		-p no:cacheprovider tests/test_fuzz.py $(PYTEST_ARGS)
 
-bench: deps venv
+bench: venv
+	@scripts/install-deps bench
 	$(PY) bench/scan_maildir
 
 # spoolscan(1) from the argument parser (tests/test_cli_docs.py checks it is current).
