@@ -167,7 +167,8 @@ def cmd_rescan(args: argparse.Namespace, config: Config) -> int:
 def cmd_report(args: argparse.Namespace, config: Config) -> int:
     import shutil
 
-    from spoolscan.reports import produce, time_range
+    from spoolscan.reports.produce import produce
+    from spoolscan.reports.query import time_range
     from spoolscan.store.repo import utcnow
 
     fmt = args.format or ("json" if args.jsonl else "table")
@@ -546,7 +547,8 @@ def main(argv: Sequence[str] | None = None, *, privsep: bool = False) -> int:
         config = load_config(args.config)
     except ConfigError as exc:
         return _fail(f"configuration error: {exc}")
-    from spoolscan.store.db import StoreError, url_password
+    from spoolscan.store import StoreError
+    from spoolscan.store.url import url_password
 
     secret = url_password(config.database.url)
     _setup_logs(args, config)
@@ -579,7 +581,7 @@ def main(argv: Sequence[str] | None = None, *, privsep: bool = False) -> int:
 def _setup_logs(args: argparse.Namespace, config: Config) -> None:
     """Logging as the configuration says, the command line's options winning."""
     from spoolscan import logs
-    from spoolscan.store.db import url_password
+    from spoolscan.store.url import url_password
 
     logs.setup(config.log, verbose=args.verbose, quiet=args.quiet,
                secret=url_password(config.database.url),

@@ -16,8 +16,8 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import TextIO
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, TextIO
 
 from spoolscan.broker import Broker
 from spoolscan.config import PolicyConfig, SourceConfig
@@ -40,8 +40,10 @@ from spoolscan.model import (
 from spoolscan.policy import decide
 from spoolscan.progress import ProgressBar
 from spoolscan.scan import ScanService, run_jobs
-from spoolscan.store.repo import ScanRecord, Store, utcnow
 from spoolscan.text import printable
+
+if TYPE_CHECKING:  # the database layer is loaded only when verdicts are stored
+    from spoolscan.store.repo import ScanRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +257,7 @@ def scan_paths(service: ScanService, paths: list[str], *, concurrency: int,
     pending: list[ScanRecord] = []
     last_flush = time.monotonic()
     started = time.monotonic()
-    plan = plan_for(policy or PolicyConfig(), utcnow())
+    plan = plan_for(policy or PolicyConfig(), datetime.now(UTC))
 
     def flush() -> None:
         nonlocal last_flush
@@ -277,6 +279,8 @@ def scan_paths(service: ScanService, paths: list[str], *, concurrency: int,
                                        f"{tally.cached} cached")
         if store is not None and outcome.unavailable is None:
             r = outcome.result
+            from spoolscan.store.repo import ScanRecord
+
             pending.append(ScanRecord(
                 message=outcome.info, verdict=r.verdict, signature=r.signature,
                 detail=r.detail, fingerprint=r.fingerprint, duration_ms=r.duration_ms,

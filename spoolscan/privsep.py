@@ -41,14 +41,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from sqlalchemy.engine import make_url
-
 from spoolscan.broker import Broker, FolderListing, MailboxListing
 from spoolscan.config import Config, ConfigError
 from spoolscan.fsutil import OpenFile, UnsafeFile
 from spoolscan.mailbox import Location
 from spoolscan.postfix import commands
 from spoolscan.postfix.queuedir import HoldEntry
+from spoolscan.store.url import sqlite_path
 from spoolscan.text import printable
 
 log = logging.getLogger(__name__)
@@ -585,9 +584,9 @@ def run_as(config: Config) -> User:
 def hand_over(config: Config, user: User) -> None:
     """Before dropping root: give the worker what it must write (the SQLite database and
     the quarantine store), without touching anyone else's directories."""
-    url = make_url(config.database.url)
-    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-        path = os.path.abspath(url.database)
+    database = sqlite_path(config.database.url)
+    if database is not None:
+        path = os.path.abspath(database)
         directory = os.path.dirname(path)
         _give_dir(directory, user, "the database directory (SQLite writes its journal "
                                    "beside the file)")
@@ -657,11 +656,34 @@ _PRELOAD: Final = ("concurrent.futures.thread", "encodings.idna", "json.decoder"
 
 
 def _preload() -> None:
+    """Import ``_PRELOAD`` now, unless the worker's user can read the interpreter, the
+    libraries and spoolscan itself anyway (then a command starts faster without)."""
     import importlib
+    import sysconfig
 
+    places = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib",
+                                                      "platlib")}
+    places.add(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if all(_world_readable(p) for p in places):
+        return
     for name in _PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+
+
+def _world_readable(path: str) -> bool:
+    """True if any user can list ``path`` and reach it (o+rx on it, o+x above it)."""
+    try:
+        if os.stat(path).st_mode & 0o005 != 0o005:
+            return False
+        parent = os.path.dirname(path)
+        while parent != path:
+            if not os.stat(parent).st_mode & 0o001:
+                return False
+            path, parent = parent, os.path.dirname(parent)
+    except OSError:
+        return False
+    return True
 
 
 def start(config: Config, scan_paths: Sequence[str] = ()) -> RemoteBroker:

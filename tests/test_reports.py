@@ -39,9 +39,9 @@ from spoolscan.config import (
     QuarantineConfig,
     SourceConfig,
 )
-from spoolscan.reports import REPORTS, TimeRange, time_range
+from spoolscan.reports import REPORTS
 from spoolscan.reports.catalog import resolve
-from spoolscan.reports.query import Result, run_report, sql_text
+from spoolscan.reports.query import Result, TimeRange, run_report, sql_text, time_range
 from spoolscan.reports.render import _csv_cell, csv_text, duration, table_text
 from spoolscan.rescan import check_signatures
 from spoolscan.runner import build_worker

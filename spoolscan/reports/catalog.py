@@ -238,3 +238,12 @@ ALL = "all"
 def resolve(name: str) -> Report:
     """The report called ``name`` (or an alias of it); KeyError if there is none."""
     return REPORTS[ALIASES.get(name, name)]
+
+
+#: The output formats of ``spoolscan report``.
+FORMATS = ("table", "csv", "json", "html", "sql")
+
+
+def selected(name: str) -> list[Report]:
+    """The reports ``name`` stands for: one (or its alias), or every one for ``all``."""
+    return list(REPORTS.values()) if name == ALL else [resolve(name)]

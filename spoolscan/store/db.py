@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 
 import spoolscan
+from spoolscan.store import StoreError
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -26,26 +27,12 @@ if TYPE_CHECKING:
 SCHEMA_HEAD = "0004"
 
 
-class StoreError(Exception):
-    """The database cannot be used (unreachable, not migrated, misconfigured)."""
-
-
 def redact_url(url: str) -> str:
     """``url`` with its password (if any) shown as ``***``: for every message and log."""
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not parseable: hide whatever sits between "user:" and "@"
         return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-
-
-def url_password(url: str) -> str | None:
-    """The password in ``url``, to be scrubbed from any text shown (None if none)."""
-    try:
-        password = make_url(url).password
-    except Exception:
-        m = re.search(r"://[^:/@]*:([^@]*)@", url)
-        password = m.group(1) if m else None
-    return str(password) if password else None
 
 
 def _normalise_url(url: str) -> str:
