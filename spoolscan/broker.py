@@ -55,6 +55,13 @@ class Broker:
 
     def __init__(self) -> None:
         self._watchers: dict[int, INotify] = {}
+        self._hold_queues: dict[str, HoldQueue] = {}  # each keeps its directory open
+
+    def _hold_queue(self, queue_dir: str) -> HoldQueue:
+        queue = self._hold_queues.get(queue_dir)
+        if queue is None:
+            queue = self._hold_queues.setdefault(queue_dir, HoldQueue(queue_dir))
+        return queue
 
     def reload(self) -> None:
         """Nothing to do in-process (the privileged helper re-reads its configuration)."""
@@ -63,6 +70,9 @@ class Broker:
         for inotify in self._watchers.values():
             inotify.close()
         self._watchers.clear()
+        for queue in self._hold_queues.values():
+            queue.close()
+        self._hold_queues.clear()
 
     # --- Maildir mailboxes ---------------------------------------------------------------
 
@@ -174,19 +184,19 @@ class Broker:
         return str(commands.queue_directory(config_dir)), commands.myhostname(config_dir)
 
     def hold_entries(self, queue_dir: str) -> tuple[list[HoldEntry], list[str]]:
-        return HoldQueue(queue_dir).entries()
+        return self._hold_queue(queue_dir).entries()
 
     def hold_subdirs(self, queue_dir: str) -> list[str]:
-        return HoldQueue(queue_dir).subdirs()
+        return self._hold_queue(queue_dir).subdirs()
 
     def hold_stat(self, queue_dir: str, rel: str) -> HoldEntry | None:
-        return HoldQueue(queue_dir).stat(rel)
+        return self._hold_queue(queue_dir).stat(rel)
 
     def hold_open(self, queue_dir: str, rel: str) -> OpenFile:
-        return HoldQueue(queue_dir).open(rel)
+        return self._hold_queue(queue_dir).open(rel)
 
     def hold_find(self, queue_dir: str, queue_id: str) -> list[str]:
-        return HoldQueue(queue_dir).find(queue_id)
+        return self._hold_queue(queue_dir).find(queue_id)
 
     def postsuper_release(self, config_dir: str, ids: Iterable[str]) -> set[str]:
         return commands.release(config_dir, ids)
@@ -227,7 +237,7 @@ class Broker:
 
     def watch_hold(self, fd: int, queue_dir: str, rel: str, mask: int) -> int:
         """Watch hold/ (``rel`` "") or one of its hash subdirectories."""
-        queue = HoldQueue(queue_dir)
+        queue = self._hold_queue(queue_dir)
         with queue.open_dir(rel.split("/") if rel else []) as d:
             return self._add_watch(fd, d, mask)
 

@@ -102,11 +102,12 @@ class VerdictCache:
     one clamd scan.
     """
 
-    def __init__(self, store: Store | None, size: int = 50_000) -> None:
+    def __init__(self, store: Store | None, size: int = 10_000) -> None:
         self.store = store
         self.size = size
         self._lock = threading.Lock()
-        self._lru: OrderedDict[tuple[str, str], ScanResult] = OrderedDict()
+        # Verdicts kept small (verdict, signature): 10,000 of them are a few MB.
+        self._lru: OrderedDict[tuple[str, str], tuple[Verdict, str | None]] = OrderedDict()
         self._inflight: dict[tuple[str, str], Future[ScanResult]] = {}
         self._warmed: set[str] = set()
         self._complete: str | None = None  # the fingerprint whose verdicts are all here
@@ -120,8 +121,7 @@ class VerdictCache:
         rows = self.store.verdicts_under(fingerprint, limit=self.size)
         with self._lock:
             for content_hash, verdict, signature in rows:
-                self._lru[(content_hash, fingerprint)] = ScanResult(
-                    Verdict(verdict), signature=signature, fingerprint=fingerprint)
+                self._lru[(content_hash, fingerprint)] = (Verdict(verdict), signature)
             self._trim()
             if len(rows) < self.size:
                 self._complete = fingerprint
@@ -131,7 +131,7 @@ class VerdictCache:
             hit = self._lru.get(key)
             if hit is not None:
                 self._lru.move_to_end(key)
-                return hit
+                return ScanResult(hit[0], signature=hit[1], fingerprint=key[1])
             if self._complete == key[1]:
                 return None  # everything stored under this fingerprint is in memory
         if self.store is None:
@@ -145,7 +145,7 @@ class VerdictCache:
 
     def put(self, key: tuple[str, str], verdict: ScanResult) -> None:
         with self._lock:
-            self._lru[key] = verdict
+            self._lru[key] = (verdict.verdict, verdict.signature)
             self._lru.move_to_end(key)
             self._trim()
 
@@ -164,7 +164,8 @@ class VerdictCache:
             done = self._lru.get(key)
             if done is not None:
                 resolved: Future[ScanResult] = Future()
-                resolved.set_result(done)
+                resolved.set_result(ScanResult(done[0], signature=done[1],
+                                               fingerprint=key[1]))
                 return resolved
             self._inflight[key] = Future()
             return None

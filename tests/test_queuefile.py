@@ -696,3 +696,21 @@ def test_without_the_content_check_bad_content_is_found_while_reading(hold_dir):
         assert qf.envelope.message_size is None
         with pytest.raises(QueueFileError):
             stream.read()
+
+
+@pytest.mark.parametrize("lines", [10, 40_000])  # replayed from memory; decoded again
+def test_a_rewound_stream_gives_the_same_content_small_or_large(hold_dir, lines):
+    from spoolscan.postfix.queuefile import REPLAY_LIMIT
+
+    body = [rec("N", f"line {i} of the message") for i in range(lines)]
+    with QueueFile.open(write(hold_dir, queue_file(content=body))) as qf, \
+            qf.content() as stream:
+        half = stream.read(100)
+        stream.seek(0)  # rewound before the end: read from the file again
+        first = stream.read()
+        assert first.startswith(half)
+        assert (len(first) > REPLAY_LIMIT) == (lines > 10)
+        stream.seek(0)
+        assert stream.read() == first
+        stream.seek(0)
+        assert stream.read() == first

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
@@ -63,9 +64,36 @@ class HoldQueue:
     def __init__(self, queue_dir: str) -> None:
         self.queue_dir = queue_dir
         self.path = os.path.join(queue_dir, "hold")
+        self._lock = threading.Lock()
+        self._base: Directory | None = None
+
+    def _queue_directory(self) -> Directory:
+        """The queue directory, opened once by the safe walk and kept: every operation
+        on a held file would otherwise walk the path from / again.  Reopened when the
+        path no longer names the same directory (Postfix's queue recreated)."""
+        with self._lock:
+            base = self._base
+            if base is not None:
+                try:
+                    st = os.stat(self.queue_dir)  # only compared, never used to open
+                    if (st.st_dev, st.st_ino) == (base.st.st_dev, base.st.st_ino):
+                        return base
+                except OSError:
+                    pass
+                base.close()
+            self._base = fsutil.open_directory(self.queue_dir)
+            return self._base
+
+    def close(self) -> None:
+        with self._lock:
+            if self._base is not None:
+                self._base.close()
+                self._base = None
 
     def open_dir(self, dirs: list[str]) -> Directory:
-        d = fsutil.open_directory(self.path)
+        # openat() relative to the kept descriptor: a fresh open file (own offset) for
+        # each caller, so listings in several threads do not disturb each other.
+        d = self._queue_directory().open_dir("hold")
         try:
             for name in dirs:
                 child = d.open_dir(name)

@@ -58,6 +58,8 @@ __all__ = [
 
 #: Bytes read from the file at a time (and the size of the chunks the content stream holds).
 READ_CHUNK = 64 * 1024
+#: Content up to this size is kept by ContentStream for its second read (see there).
+REPLAY_LIMIT = 256 * 1024
 #: Postfix decodes at most 32 bits of length (record.c), i.e. five length bytes.
 MAX_LENGTH_BYTES = 5
 #: Envelope/extracted records are read into memory; none is legitimately this long.
@@ -655,7 +657,10 @@ class ContentStream(io.RawIOBase):
     """A readable binary stream of a queue file's message content.
 
     It can be rewound (``seek(0)``), so that the content can be hashed and then sent to
-    clamd without parsing the file a second time; other seeks are not supported.
+    clamd; other seeks are not supported.  Content of up to ``REPLAY_LIMIT`` bytes read
+    to its end is kept, so that the second read replays it instead of decoding the
+    records again (most mail: the decoding is the costly part); larger content is
+    decoded again from the file, so memory stays bounded.
     Owns its own file descriptor (a duplicate), so it stays valid after the ``QueueFile``
     is closed.  Once a read has raised ``QueueFileError`` every later read raises it too.
     """
@@ -665,10 +670,17 @@ class ContentStream(io.RawIOBase):
         self._fd = fd
         self._label = label
         self._offsets = (data_offset, xtra_offset)
-        self._chunks = _content_chunks(_Cursor(fd, size, label), data_offset, xtra_offset)
+        self._chunks: Iterator[bytes] = _content_chunks(_Cursor(fd, size, label), data_offset,
+                                                        xtra_offset)
         self._pending = memoryview(b"")
         self._error: QueueFileError | None = None
         self._position = 0
+        # The chunks read so far (None: more than REPLAY_LIMIT, or not from the start);
+        # complete once the end was reached.
+        self._replay: list[bytes] | None = []
+        self._replay_size = 0
+        self._replay_complete = False
+        self._replaying = False
 
     def readable(self) -> bool:
         return True
@@ -684,9 +696,16 @@ class ContentStream(io.RawIOBase):
             raise io.UnsupportedOperation("a queue file content stream can only be rewound")
         if self.closed:
             raise ValueError("seek on a closed content stream")
-        self._chunks.close()
-        size = os.fstat(self._fd).st_size
-        self._chunks = _content_chunks(_Cursor(self._fd, size, self._label), *self._offsets)
+        if isinstance(self._chunks, Generator):
+            self._chunks.close()
+        if self._replay is not None and self._replay_complete:
+            self._chunks = iter(self._replay)
+            self._replaying = True
+        else:
+            size = os.fstat(self._fd).st_size
+            self._chunks = _content_chunks(_Cursor(self._fd, size, self._label),
+                                           *self._offsets)
+            self._replay, self._replay_size, self._replaying = [], 0, False
         self._pending = memoryview(b"")
         self._error = None
         self._position = 0
@@ -702,6 +721,8 @@ class ContentStream(io.RawIOBase):
             try:
                 chunk = next(self._chunks)
             except StopIteration:
+                if self._replay is not None:
+                    self._replay_complete = True
                 return 0
             except QueueFileError as exc:
                 self._error = exc
@@ -711,6 +732,12 @@ class ContentStream(io.RawIOBase):
                                              f"({exc.__class__.__name__})")
                 raise self._error from None
             self._pending = memoryview(chunk)
+            if self._replay is not None and not self._replaying:
+                self._replay_size += len(chunk)
+                if self._replay_size > REPLAY_LIMIT:
+                    self._replay = None
+                else:
+                    self._replay.append(chunk)
         target = memoryview(buffer).cast("B")
         count = min(len(target), len(self._pending))
         target[:count] = self._pending[:count]
@@ -720,7 +747,9 @@ class ContentStream(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            self._chunks.close()
+            if isinstance(self._chunks, Generator):
+                self._chunks.close()
+            self._replay = None
             os.close(self._fd)
         super().close()
 

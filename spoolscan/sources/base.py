@@ -45,7 +45,10 @@ log = logging.getLogger(__name__)
 
 LOOKUP_BATCH = 500  # messages looked up in the store at once by a sweep
 HANDED_WINDOW = 600.0  # seconds a handed-over message counts as under way
-HANDED_MAX = 200_000  # at most this many remembered (oldest forgotten first)
+# At most this many remembered (oldest forgotten first).  Well above what the pipeline
+# holds (a forgotten message still in the pipeline is not queued twice: Worker.submit),
+# and bounded: a backlog of 100,000 must not be remembered whole.
+HANDED_MAX = 20_000
 INTENT_GRACE = 60.0  # seconds a pending action may still be under way in another process
 REPORTED_MAX = 10_000  # paths whose warning is not repeated at every sweep
 
