@@ -192,6 +192,16 @@ class Broker:
     def hold_stat(self, queue_dir: str, rel: str) -> HoldEntry | None:
         return self._hold_queue(queue_dir).stat(rel)
 
+    def hold_stat_many(self, queue_dir: str, rels: Sequence[str]) -> list[HoldEntry | None]:
+        """``hold_stat`` of each name (None: not there, or not a queue file name)."""
+        out: list[HoldEntry | None] = []
+        for rel in rels:
+            try:
+                out.append(self.hold_stat(queue_dir, rel))
+            except UnsafeFile:
+                out.append(None)
+        return out
+
     def hold_open(self, queue_dir: str, rel: str) -> OpenFile:
         return self._hold_queue(queue_dir).open(rel)
 

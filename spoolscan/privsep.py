@@ -295,6 +295,8 @@ class Helper:
                 b.hold_entries(p().queue_dir(qd))),
             "hold_subdirs": lambda qd: b.hold_subdirs(p().queue_dir(qd)),
             "hold_stat": lambda qd, rel: _entry_json(b.hold_stat(p().queue_dir(qd), rel)),
+            "hold_stat_many": lambda qd, rels: [_entry_json(e) for e in b.hold_stat_many(
+                p().queue_dir(qd), [str(r) for r in rels])],
             "hold_open": lambda qd, rel: opened(b.hold_open(p().queue_dir(qd), rel)),
             "hold_find": lambda qd, qid: b.hold_find(p().queue_dir(qd), qid),
             "postsuper_release": lambda cd, ids: sorted(
@@ -498,6 +500,9 @@ class RemoteBroker:
 
     def hold_stat(self, queue_dir: str, rel: str) -> HoldEntry | None:
         return _entry(self._value("hold_stat", queue_dir, rel))
+
+    def hold_stat_many(self, queue_dir: str, rels: Sequence[str]) -> list[HoldEntry | None]:
+        return [_entry(e) for e in self._value("hold_stat_many", queue_dir, list(rels))]
 
     def hold_open(self, queue_dir: str, rel: str) -> OpenFile:
         return self._file("hold_open", queue_dir, rel)

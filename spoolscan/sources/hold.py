@@ -166,20 +166,29 @@ class HoldSource(Source):
             location=qid, queue_id=qid, host=self.host,
         )
 
-    def examine(self, entry: HoldEntry) -> Sighting | None:
-        """The sighting of a ready held file (None: not ready, gone or not ours)."""
-        if not entry.ready:
+    def examine(self, entry: HoldEntry | str) -> Sighting | None:
+        """The sighting of a ready held file (None: not ready, gone or not ours).
+        ``entry``: as listed, or only its name (then the open file says whether it is
+        ready: one request to the helper instead of two)."""
+        if isinstance(entry, HoldEntry) and not entry.ready:
             return None  # still being written: a later event or sweep takes it
+        rel = entry.rel if isinstance(entry, HoldEntry) else entry
         try:
-            opened = self.broker.hold_open(self.queue_dir, entry.rel)
+            opened = self.broker.hold_open(self.queue_dir, rel)
         except FileNotFoundError:
             return None
         except UnsafeFile as exc:
-            self.reporter.once(f"unsafe:{entry.rel}", f"{self.name}: {exc}")
+            self.reporter.once(f"unsafe:{rel}", f"{self.name}: {exc}")
             return None
         except OSError as exc:
-            log.warning("%s: cannot open %s: %s", self.name, printable(entry.rel), exc)
+            log.warning("%s: cannot open %s: %s", self.name, printable(rel), exc)
             return None
+        if not isinstance(entry, HoldEntry):
+            entry = HoldEntry(rel, opened.st.st_ino, opened.st.st_mode,
+                              opened.st.st_mtime_ns)
+            if not entry.ready:
+                opened.close()
+                return None
         path = f"{self.queue_dir}/hold/{entry.rel}"
         try:
             # The content is checked as it is read for scanning.
@@ -323,13 +332,7 @@ class HoldSource(Source):
                               self.name)
 
     def _arrived(self, rel: str, submit: Submit) -> None:
-        try:
-            entry = self.broker.hold_stat(self.queue_dir, rel)
-        except UnsafeFile:
-            return  # not a queue file name: the sweep reports it
-        if entry is None:
-            return
-        sighting = self.examine(entry)
+        sighting = self.examine(rel)
         # cleanup's chmod (IN_ATTRIB) and close (IN_CLOSE_WRITE) both announce one
         # arrival: hand it over once.
         if sighting is not None and self.handed.claim(sighting.identity, None):
@@ -340,9 +343,15 @@ class HoldSource(Source):
 
     def _still_ours(self, p: Pending) -> bool:
         """The held file is still the one scanned (queue IDs are reused)."""
-        held: HeldFile = p.outcome.job.payload
-        entry = self.broker.hold_stat(self.queue_dir, held.rel)
-        return entry is not None and entry.ino == held.ino
+        return p in self._ours([p])
+
+    def _ours(self, items: list[Pending]) -> list[Pending]:
+        """Those of ``items`` whose held file is still the one scanned (queue IDs are
+        reused), asked of the helper in one request."""
+        helds: list[HeldFile] = [p.outcome.job.payload for p in items]
+        entries = self.broker.hold_stat_many(self.queue_dir, [h.rel for h in helds])
+        return [p for p, h, e in zip(items, helds, entries, strict=True)
+                if e is not None and e.ino == h.ino]
 
     def release(self, items: list[Pending]) -> list[ActionRecord]:
         records, released = self._postsuper(items, self.broker.postsuper_release, "release")
@@ -378,7 +387,7 @@ class HoldSource(Source):
         """One postsuper run for the items still on hold; a record per item (in the
         order of ``items``) from what postsuper said it did (it exits 0 whatever
         happened).  Returns the records and the queue IDs postsuper confirmed."""
-        ours = {id(p) for p in items if self._still_ours(p)}
+        ours = {id(p) for p in self._ours(items)}
         ids = [p.outcome.info.queue_id or "" for p in items if id(p) in ours]
         error: str | None = None
         confirmed: set[str] = set()
