@@ -13,6 +13,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import stat
 import subprocess
 from collections.abc import Callable, Iterator
@@ -248,6 +249,28 @@ def _holds_received(table: str, samples: tuple[str, ...]) -> bool:
     return False
 
 
+def check_notify(config: Config) -> str:
+    n = config.notify
+    if not (n.admin or n.recipients):
+        return "notifications off (no [notify] admin)"
+    program = shlex.split(n.sendmail)[0] if n.sendmail.strip() else ""
+    if not (program and os.access(program, os.X_OK)):
+        raise Problem(f"[notify] sendmail {n.sendmail!r} is not an executable program: no "
+                      "notice can be sent", "install an MTA's sendmail (Postfix has one) or "
+                      "set [notify] sendmail to its path")
+    if n.templates:
+        missing = [t for t in ("admin.txt", "recipient.txt", "digest.txt")
+                   if not (Path(n.templates) / t).is_file()]
+        if len(missing) == 3:
+            raise Problem(f"[notify] templates {n.templates}: none of admin.txt, "
+                          "recipient.txt, digest.txt is there (the built-in ones are used)",
+                          "check the directory, or remove the setting", WARN)
+    who = ", ".join(n.admin) or "the recipients only"
+    return f"notices of {', '.join(n.events)} to {who} through {program}" + (
+        f", at most {n.max_per_hour} an hour each" if not n.digest else
+        f", in a digest every {n.digest:g}s")
+
+
 # --- running them ---------------------------------------------------------------------------------
 
 
@@ -260,6 +283,7 @@ def findings(config: Config) -> list[Finding]:
         ("fingerprint", lambda: check_fingerprint(config)),
         ("database", lambda: check_database(config)),
         ("quarantine", lambda: check_quarantine(config)),
+        ("notify", lambda: check_notify(config)),
     ]
     for name, check in simple:
         out.append(_run(name, check))

@@ -141,3 +141,14 @@ def test_version_as_json(capsys, config_file):
     assert main(["--config", str(config_file), "version", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["fingerprint"].startswith("ClamAV") and info["spoolscan"]
+
+
+def test_doctor_flags_notices_that_cannot_be_sent(capsys, healthy, tmp_path):
+    path = _broken(tmp_path, healthy, extra="""
+[notify]
+admin = ["postmaster@example.org"]
+sendmail = "/nonexistent/sendmail -t"
+""")
+    code, out = doctor(capsys, path)
+    assert code == 1 and "FAIL  notify" in out and "not an executable program" in out
+    assert "fix: install an MTA's sendmail" in out
