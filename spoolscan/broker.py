@@ -186,6 +186,17 @@ class Broker:
     def hold_entries(self, queue_dir: str) -> tuple[list[HoldEntry], list[str]]:
         return self._hold_queue(queue_dir).entries()
 
+    def hold_names(self, queue_dir: str) -> tuple[list[str], list[str]]:
+        """(names of the files in hold/, oldest first; names that are not queue files).
+        Names only: a backlog of 100,000 costs a few MB, not its entries."""
+        entries, strange = self._hold_queue(queue_dir).entries()
+        return [e.rel for e in entries], strange
+
+    def hold_backlog(self, queue_dir: str) -> tuple[int, int]:
+        """(files in hold/, modification time of the oldest in ns; 0 when empty)."""
+        entries, _ = self._hold_queue(queue_dir).entries()
+        return len(entries), min((e.mtime_ns for e in entries), default=0)
+
     def hold_subdirs(self, queue_dir: str) -> list[str]:
         return self._hold_queue(queue_dir).subdirs()
 

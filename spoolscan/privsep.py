@@ -293,6 +293,8 @@ class Helper:
             "postfix_info": lambda cd: list(b.postfix_info(p().config_dir(cd))),
             "hold_entries": lambda qd: (lambda r: [[_entry_json(e) for e in r[0]], r[1]])(
                 b.hold_entries(p().queue_dir(qd))),
+            "hold_names": lambda qd: list(b.hold_names(p().queue_dir(qd))),
+            "hold_backlog": lambda qd: list(b.hold_backlog(p().queue_dir(qd))),
             "hold_subdirs": lambda qd: b.hold_subdirs(p().queue_dir(qd)),
             "hold_stat": lambda qd, rel: _entry_json(b.hold_stat(p().queue_dir(qd), rel)),
             "hold_stat_many": lambda qd, rels: [_entry_json(e) for e in b.hold_stat_many(
@@ -494,6 +496,14 @@ class RemoteBroker:
     def hold_entries(self, queue_dir: str) -> tuple[list[HoldEntry], list[str]]:
         entries, strange = self._value("hold_entries", queue_dir)
         return [e for e in map(_entry, entries) if e is not None], list(strange)
+
+    def hold_names(self, queue_dir: str) -> tuple[list[str], list[str]]:
+        names, strange = self._value("hold_names", queue_dir)
+        return [str(n) for n in names], [str(s) for s in strange]
+
+    def hold_backlog(self, queue_dir: str) -> tuple[int, int]:
+        count, oldest = self._value("hold_backlog", queue_dir)
+        return int(count), int(oldest)
 
     def hold_subdirs(self, queue_dir: str) -> list[str]:
         return list(self._value("hold_subdirs", queue_dir))

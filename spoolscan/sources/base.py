@@ -270,12 +270,15 @@ class Source(ABC):
         """Jobs for every message that needs work (``needs_work``), looked up in the
         store by batches; then reconciles what vanished."""
         started = utcnow()
-        present: set[str] = set()
+        # What is there, as hashes of the identities: a backlog of 100,000 costs a few MB
+        # instead of tens.  A collision only makes a vanished message wait for the next
+        # sweep to be marked gone.
+        present: set[int] = set()
         batch: list[Sighting] = []
         seen = handed = 0
         for sighting in self.sightings():
             seen += 1
-            present.add(sighting.identity)
+            present.add(hash(sighting.identity))
             batch.append(sighting)
             if len(batch) >= LOOKUP_BATCH:
                 for job in self._due(batch):
@@ -330,13 +333,13 @@ class Source(ABC):
         sighting = self.locate(row)
         return None if sighting is None else self.job(sighting, trigger)
 
-    def reconcile(self, present: set[str], started: datetime) -> int:
+    def reconcile(self, present: set[int], started: datetime) -> int:
         """Open messages of this source that are no longer where they rest: an action
         interrupted after it took effect (a pending intent) is recorded as done, the
         others as gone.  Only rows last touched before the listing began are judged, and
         each is looked for once more.  Returns how many were marked gone."""
         missing = [r for r in self.store.open_messages(self.name)
-                   if r["identity"] not in present
+                   if hash(r["identity"]) not in present
                    and (as_utc(r["updated_at"]) or started) < started
                    and not self.handed.under_way(r)]
         missing = [r for r in missing if self.locate(r) is None]

@@ -206,27 +206,25 @@ class HoldSource(Source):
     # --- hooks: finding messages ------------------------------------------------------------
 
     def sightings(self) -> Iterator[Sighting]:
-        entries, strange = self.broker.hold_entries(self.queue_dir)
+        names, strange = self.broker.hold_names(self.queue_dir)
         for rel in strange:
             # postsuper cannot act on it, so neither can we: leave it for an admin.
             self.reporter.once(f"strange:{rel}", f"{self.name}: hold/{rel}: not a Postfix "
                                                  "queue file (name or type); left alone")
-        for entry in entries:
+        for rel in names:
             try:
-                sighting = self.examine(entry)
+                sighting = self.examine(rel)
             except Exception:
-                log.exception("%s: hold/%s: cannot look at it", self.name,
-                              printable(entry.rel))
+                log.exception("%s: hold/%s: cannot look at it", self.name, printable(rel))
                 continue
             if sighting is not None:
                 yield sighting
 
     def backlog(self) -> tuple[int, float] | None:
-        entries, _ = self.broker.hold_entries(self.queue_dir)
-        if not entries:
+        count, oldest_ns = self.broker.hold_backlog(self.queue_dir)
+        if not count:
             return 0, 0.0
-        oldest = min(e.mtime_ns for e in entries) / 1e9
-        return len(entries), max(0.0, time.time() - oldest)
+        return count, max(0.0, time.time() - oldest_ns / 1e9)
 
     def locate(self, row: dict) -> Sighting | None:
         queue_id = row["queue_id"] or row["location"] or ""

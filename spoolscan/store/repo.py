@@ -637,13 +637,17 @@ class Store:
                     out[found["identity"]] = found
         return out
 
-    def open_messages(self, source: str) -> list[dict]:
-        """Messages of ``source`` not finished (not done/gone/released), as dicts."""
+    def open_messages(self, source: str) -> Iterator[dict]:
+        """Messages of ``source`` not finished (not done/gone/released): the columns that
+        say which and where, one row at a time (there may be a backlog of them)."""
         with self.engine.connect() as conn:
-            rows = conn.execute(select(messages).where(
-                messages.c.source == source,
-                messages.c.state.not_in((DONE, GONE, RELEASED))))
-            return [_read(r) for r in rows]
+            rows = conn.execution_options(yield_per=1000).execute(
+                select(messages.c.id, messages.c.identity, messages.c.location,
+                       messages.c.queue_id, messages.c.state, messages.c.updated_at)
+                .where(messages.c.source == source,
+                       messages.c.state.not_in((DONE, GONE, RELEASED))))
+            for r in rows:
+                yield _read(r)
 
     def rescan_candidates(self, since: datetime | None, fingerprint: str,
                           source: str | None = None, batch: int = 1000
