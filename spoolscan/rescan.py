@@ -108,8 +108,9 @@ def _feed(worker: Worker, since: datetime | None, source: str | None, fingerprin
         gone: list[int] = []
         for row in rows:
             src = worker.sources.get(row["source"])
-            if src is None:
-                continue  # a source no longer configured (or `spoolscan scan` results)
+            if src is None or not src.owns(row):
+                continue  # a source no longer configured (or `spoolscan scan` results),
+                # or another host's mail
             seen += 1
             digest = row["content_hash"]
             if first_of_content is not None:

@@ -95,8 +95,10 @@ class VerdictCache:
     """(content hash, fingerprint) → definite verdict: in memory (LRU), then the store.
 
     When a fingerprint is first used, the verdicts already stored under it are loaded
-    (up to ``size``); if that was all of them, a miss in memory is a miss, and the
-    database is not asked again for each new message.
+    (up to ``size``); if that was all of them and the store is this host's own (SQLite),
+    a miss in memory is a miss, and the database is not asked again for each new
+    message.  A PostgreSQL store may be shared by several hosts, whose verdicts arrive
+    at any time: there a miss in memory asks the store (one indexed lookup).
 
     Also coordinates scans in flight, so that copies of a message scanned at once cost
     one clamd scan.
@@ -111,6 +113,8 @@ class VerdictCache:
         self._inflight: dict[tuple[str, str], Future[ScanResult]] = {}
         self._warmed: set[str] = set()
         self._complete: str | None = None  # the fingerprint whose verdicts are all here
+        # Other hosts may add verdicts to a shared (server) database at any time.
+        self.shared = store is not None and store.engine.dialect.name != "sqlite"
 
     def warm(self, fingerprint: str) -> None:
         """Load the stored verdicts for ``fingerprint`` (once per fingerprint)."""
@@ -123,7 +127,7 @@ class VerdictCache:
             for content_hash, verdict, signature in rows:
                 self._lru[(content_hash, fingerprint)] = (Verdict(verdict), signature)
             self._trim()
-            if len(rows) < self.size:
+            if len(rows) < self.size and not self.shared:
                 self._complete = fingerprint
 
     def get(self, key: tuple[str, str]) -> ScanResult | None:

@@ -166,6 +166,10 @@ class HoldSource(Source):
             location=qid, queue_id=qid, host=self.host,
         )
 
+    def owns(self, row: dict) -> bool:
+        """Held mail is this host's only if it was held here (its myhostname)."""
+        return row.get("host") == self.host
+
     def examine(self, entry: HoldEntry | str) -> Sighting | None:
         """The sighting of a ready held file (None: not ready, gone or not ours).
         ``entry``: as listed, or only its name (then the open file says whether it is

@@ -643,7 +643,8 @@ class Store:
         with self.engine.connect() as conn:
             rows = conn.execution_options(yield_per=1000).execute(
                 select(messages.c.id, messages.c.identity, messages.c.location,
-                       messages.c.queue_id, messages.c.state, messages.c.updated_at)
+                       messages.c.queue_id, messages.c.host, messages.c.state,
+                       messages.c.updated_at)
                 .where(messages.c.source == source,
                        messages.c.state.not_in((DONE, GONE, RELEASED))))
             for r in rows:
