@@ -226,13 +226,23 @@ class ClamdClient:
         too_large = self._too_large(size)
         if too_large is not None:
             return too_large
+        started = time.monotonic()
+        result = self._guarded(self.exchange_fd, fd, started + self.config.timeout)
+        return replace(result, duration_ms=int((time.monotonic() - started) * 1000))
+
+    def exchange_fd(self, fd: int, deadline: float) -> ScanResult:
+        """One scan of an open file: FILDES on a local socket, INSTREAM over TCP (from
+        the start of the file).  Raises ClamdError/OSError/TimeoutError when this clamd
+        gave no usable answer (another server may); returns clamd's answer otherwise."""
         if self.address:
             os.lseek(fd, 0, os.SEEK_SET)
             with os.fdopen(os.dup(fd), "rb", buffering=0) as stream:
-                return self.scan_stream(stream)  # type: ignore[arg-type]
-        started = time.monotonic()
-        result = self._guarded(self._fildes, fd, started + self.config.timeout)
-        return replace(result, duration_ms=int((time.monotonic() - started) * 1000))
+                return self._instream(stream, deadline)  # type: ignore[arg-type]
+        return self._fildes(fd, deadline)
+
+    def exchange_stream(self, stream: BinaryIO, deadline: float) -> ScanResult:
+        """One INSTREAM scan; raises as ``exchange_fd`` does."""
+        return self._instream(stream, deadline)
 
     def _guarded(self, scan, content, deadline: float) -> ScanResult:  # type: ignore[no-untyped-def]
         """Run one scan exchange; every failure becomes an ``error`` result."""
@@ -273,12 +283,12 @@ class ClamdClient:
                 try:
                     return parse_reply(self._read_reply(sock, deadline), "stream")
                 except (OSError, ClamdError):
-                    return ScanResult(Verdict.ERROR, detail="clamd closed the connection "
-                                                            "while the message was being sent")
+                    raise ClamdError("clamd closed the connection while the message was "
+                                     "being sent") from None
             try:
                 return parse_reply(self._read_reply(sock, deadline), "stream")
             except ClamdError as exc:
-                return ScanResult(Verdict.ERROR, detail=f"no reply from clamd: {exc}")
+                raise ClamdError(f"no reply from clamd: {exc}") from None
 
 
 def _remaining(deadline: float) -> float:

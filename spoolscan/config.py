@@ -39,6 +39,8 @@ class DatabaseConfig:
 class ClamdConfig:
     socket: str | None = "/var/run/clamav/clamd.ctl"
     address: str | None = None  # "host:port"; when set, used instead of socket
+    # A pool: socket paths and "host:port" entries; when set, used instead of both.
+    servers: tuple[str, ...] = ()
     timeout: float = 30.0  # seconds, per scan
     concurrency: int = 4  # scans in flight
     # Where clamd keeps its signatures.  Only used to fingerprint custom databases that
@@ -50,7 +52,20 @@ class ClamdConfig:
     @property
     def endpoint(self) -> str:
         """Human-readable description of where clamd is reached."""
+        if self.servers:
+            return "pool " + ", ".join(_endpoint(s) for s in self.servers)
         return f"tcp:{self.address}" if self.address else f"unix:{self.socket}"
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The clamd servers: ``servers``, else the one of ``address`` or ``socket``."""
+        if self.servers:
+            return self.servers
+        return (self.address,) if self.address else (self.socket or "",)
+
+
+def _endpoint(server: str) -> str:
+    return f"unix:{server}" if server.startswith("/") else f"tcp:{server}"
 
 
 @dataclass(frozen=True)
@@ -297,6 +312,16 @@ def _address(v: object) -> str | None:
     return s
 
 
+def _servers(v: object) -> tuple[str, ...]:
+    servers = _string_list(v)
+    for server in servers:
+        if not server.startswith("/"):
+            _address(server)
+    if not servers or len(set(servers)) != len(servers):
+        raise ValueError(v)
+    return servers
+
+
 def _bool(v: object) -> bool:
     if not isinstance(v, bool):
         raise ValueError(v)
@@ -343,6 +368,8 @@ def parse_config(data: Mapping[str, Any], where: str = "built-in defaults") -> C
     clamd = ClamdConfig(
         socket=s.get("socket", ClamdConfig.socket, _optional_string, "a socket path"),
         address=s.get("address", None, _address, "'host:port'"),
+        servers=s.get("servers", (), _servers, "a list of distinct socket paths (absolute) "
+                      "and 'host:port' addresses"),
         timeout=s.get("timeout", ClamdConfig.timeout, parse_duration,
                       "a duration such as '30s' (a bare number is seconds)"),
         concurrency=s.get("concurrency", ClamdConfig.concurrency, _positive_int,
@@ -352,7 +379,10 @@ def parse_config(data: Mapping[str, Any], where: str = "built-in defaults") -> C
         config_file=s.get("config_file", ClamdConfig.config_file, _string, "a file path"),
     )
     s.finish()
-    if not clamd.socket and not clamd.address:
+    if clamd.servers and ("socket" in s.data or "address" in s.data):
+        raise ConfigError(f"[clamd] servers replaces socket and address: set one of them "
+                          f"in {where}")
+    if not clamd.socket and not clamd.address and not clamd.servers:
         raise ConfigError(f"[clamd] needs socket or address in {where}")
 
     s = _Section("quarantine", _table(data, "quarantine", where), where)
@@ -493,12 +523,13 @@ def load_config(path: str | os.PathLike[str] | None = None,
     if url := env.get("SPOOLSCAN_DATABASE_URL"):
         config = replace(config, database=DatabaseConfig(url=url))
     if sock := env.get("SPOOLSCAN_CLAMD_SOCKET"):
-        config = replace(config, clamd=replace(config.clamd, socket=sock, address=None))
+        config = replace(config, clamd=replace(config.clamd, socket=sock, address=None,
+                                               servers=()))
     elif addr := env.get("SPOOLSCAN_CLAMD_ADDRESS"):
         try:
             _address(addr)
         except ValueError:
             raise ConfigError(
                 f"$SPOOLSCAN_CLAMD_ADDRESS must be 'host:port', got {addr!r}") from None
-        config = replace(config, clamd=replace(config.clamd, address=addr))
+        config = replace(config, clamd=replace(config.clamd, address=addr, servers=()))
     return config

@@ -87,11 +87,21 @@ def check_privileges(config: Config) -> str:
 
 
 def check_clamd(config: Config) -> str:
-    from spoolscan.clamd import ClamdClient, ClamdError
+    from spoolscan.clamd import ClamdError
+    from spoolscan.clamdpool import ClamdPool, client_for
 
+    client = client_for(config.clamd)
     try:
-        return (f"clamd answers at {config.clamd.endpoint}: "
-                f"{ClamdClient(config.clamd).fingerprint()}")
+        fingerprint = client.fingerprint()
+        if isinstance(client, ClamdPool):
+            states = client.states()
+            text = ", ".join(f"{name} {state}" for name, state, _ in states)
+            if any(state != "up" for _, state, _ in states):
+                raise Problem(f"clamd pool: {text} (pool signatures {fingerprint})",
+                              "start the servers that are down; update the signatures of "
+                              "those behind (they get no scans until they catch up)")
+            return f"clamd pool answers: {text}: {fingerprint}"
+        return f"clamd answers at {config.clamd.endpoint}: {fingerprint}"
     except ClamdError as exc:
         raise Problem(str(exc), "is clamav-daemon running? check [clamd] socket/address and "
                                 "that spoolscan's user may use the socket") from None
@@ -126,10 +136,11 @@ def check_clamd_conf(config: Config) -> Iterator[Finding]:
 
 def check_fingerprint(config: Config) -> str:
     """Retroactive detection needs a fingerprint that changes when the signatures do."""
-    from spoolscan.clamd import ClamdClient, ClamdError
+    from spoolscan.clamd import ClamdError
+    from spoolscan.clamdpool import client_for
 
     try:
-        version = ClamdClient(config.clamd).version()
+        version = client_for(config.clamd).version()
     except ClamdError:
         return "clamd does not answer: the fingerprint is checked once it does"
     if "/" in version:

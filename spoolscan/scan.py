@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, BinaryIO
 
 from spoolscan import fsutil
-from spoolscan.clamd import ClamdClient, ClamdError
+from spoolscan.clamd import ClamdError
+from spoolscan.clamdpool import Scanner
 from spoolscan.content import Headers, content_hash, read_headers
 from spoolscan.model import (
     ContentUnavailable,
@@ -46,7 +47,7 @@ MAX_SNAPSHOT = 1 << 40  # bytes copied when no max_size is configured (never in 
 class FingerprintWatch:
     """The current signature fingerprint, asked of clamd at most every ``ttl`` seconds."""
 
-    def __init__(self, client: ClamdClient, store: Store | None, ttl: float = 10.0) -> None:
+    def __init__(self, client: Scanner, store: Store | None, ttl: float = 10.0) -> None:
         self.client = client
         self.store = store
         self.ttl = ttl
@@ -187,7 +188,7 @@ class VerdictCache:
 class ScanService:
     """Scans one job at a time per calling thread; share one instance between threads."""
 
-    client: ClamdClient
+    client: Scanner
     store: Store | None
     use_cache: bool = True
     snapshot_dir: str | None = None  # where private copies of shared files go
