@@ -10,6 +10,7 @@ Every error names the key and the file, so an admin can fix it without reading c
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tomllib
@@ -93,6 +94,19 @@ class SourceConfig:
     paths: tuple[str, ...] = ()  # maildir: globs of Maildir roots
     quarantine: str = "store"  # maildir: store (the admin-only store) | folder (.Quarantine)
     sweep_interval: float = 30.0  # seconds between full sweeps (missed events, backlog)
+    # maildir on a network store: no inotify (it sees only this host's changes), sweeps only
+    sweep_only: bool = False
+    # maildir: (k, n) = this host takes the k-th of n shares of the mailboxes, by a stable
+    # hash of the mailbox path ("2/4"); None: all of them
+    shard: tuple[int, int] | None = None
+
+    def in_shard(self, root: str) -> bool:
+        """Whether the mailbox at ``root`` is in this host's share."""
+        if self.shard is None:
+            return True
+        k, n = self.shard
+        digest = hashlib.sha256(root.rstrip("/").encode("utf-8", "surrogateescape"))
+        return int.from_bytes(digest.digest()[:8], "big") % n == k - 1
 
 
 @dataclass(frozen=True)
@@ -322,6 +336,13 @@ def _servers(v: object) -> tuple[str, ...]:
     return servers
 
 
+def _shard(v: object) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", v if isinstance(v, str) else "")
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise ValueError(v)
+    return int(m.group(1)), int(m.group(2))
+
+
 def _bool(v: object) -> bool:
     if not isinstance(v, bool):
         raise ValueError(v)
@@ -428,12 +449,17 @@ def parse_config(data: Mapping[str, Any], where: str = "built-in defaults") -> C
             quarantine=s.choice("quarantine", "store", MAILDIR_QUARANTINE_MODES),
             sweep_interval=s.get("sweep_interval", SourceConfig.sweep_interval, parse_duration,
                                  "a duration such as '30s'"),
+            sweep_only=s.get("sweep_only", False, _bool, "true or false"),
+            shard=s.get("shard", None, _shard, "'k/n' with 1 <= k <= n, such as '2/4'"),
         )
         s.finish()
         if not kind:
             raise s.fail("type", "is required (one of " + ", ".join(SOURCE_TYPES) + ")")
         if kind == "maildir" and not src.paths:
             raise s.fail("paths", "is required for a maildir source")
+        if kind != "maildir" and (src.sweep_only or src.shard is not None):
+            raise s.fail("sweep_only" if src.sweep_only else "shard",
+                         "is only for a maildir source")
         if any(o.name == name for o in sources):
             raise ConfigError(f"two sources named {name!r} in {where}")
         sources.append(src)
