@@ -114,6 +114,9 @@ class ScheduleConfig:
     signature_check: str = "*/10 * * * *"
     nightly_rescan: str = "30 2 * * *"
     rescan_window: float = 7 * 86400.0  # seconds
+    # PostgreSQL: how long a host's claim on a batch of rescan contents lasts; a host that
+    # dies holding one loses it after this long and another host takes it over.
+    rescan_lease: float = 300.0  # seconds
     purge: str = "15 3 * * *"
 
 
@@ -473,6 +476,8 @@ def parse_config(data: Mapping[str, Any], where: str = "built-in defaults") -> C
         rescan_window=s.get("rescan_window", ScheduleConfig.rescan_window, parse_duration,
                             "a duration such as '7d'"),
         purge=s.get("purge", ScheduleConfig.purge, check_cron, "a five-field cron expression"),
+        rescan_lease=s.get("rescan_lease", ScheduleConfig.rescan_lease, parse_duration,
+                           "a duration such as '5m'"),
     )
     s.finish()
 

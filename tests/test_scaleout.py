@@ -3,14 +3,21 @@ three hosts with three Postfix instances sharing one verdict cache."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
-from conftest import running, wait_until
+from conftest import running, wait_until, write_config
 from mail import deliver, eicar_message, make_maildir, message
+from sqlalchemy import text
 
+from spoolscan.clamd import ClamdClient
 from spoolscan.config import ConfigError, SourceConfig, parse_config
 from spoolscan.runner import build_worker
+from spoolscan.testing.clamd import ClamdInstance, ndb_line
 
 
 def test_shard_config():
@@ -57,3 +64,125 @@ def test_sweep_only_mailboxes_are_found_without_inotify(config, store, tmp_path)
         wait_until(lambda: not bad.exists(), 15)
         assert worker.sources["mailboxes"].watched() == []
     assert good.exists()
+
+
+# --- rescans split across hosts ------------------------------------------------------------
+
+MARKER = b"SPOOLSCAN-SCALEOUT-RETRO-MARKER-4410"
+NEW_SIGNATURE = ndb_line("Spoolscan.Test.ScaleRetro", MARKER)
+DISTINCT = 12  # contents; every third one matches the new signature
+
+
+@pytest.fixture
+def updatable_clamd(tmp_path):
+    instance = ClamdInstance(tmp_path / "clamd")
+    instance.write_database()
+    instance.start()
+    instance.publish_daily(27001)
+    yield instance
+    instance.stop()
+
+
+CONTENTS = [message(subject=f"content {i}", body=f"content {i}\n"
+                   + (MARKER.decode() + "\n" if i % 3 == 0 else ""))
+            for i in range(DISTINCT)]
+
+
+def host_maildirs(root, host: int) -> dict[int, Path]:
+    """Host ``host``'s own mailboxes, holding every one of the DISTINCT contents."""
+    return {i: deliver(make_maildir(root / f"host{host}" / f"u{i % 4}" / "Maildir"), data)
+            for i, data in enumerate(CONTENTS)}
+
+
+def rows(store, sql: str, **params) -> list[dict]:
+    with store.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(text(sql), params).mappings()]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_three_hosts_rescan_each_content_once_and_take_over_a_dead_hosts_share(
+        config, store, tmp_path, updatable_clamd):
+    clamd = updatable_clamd
+    root = tmp_path / "vmail"
+    boxes = {h: host_maildirs(root, h) for h in (1, 2, 3)}
+    cfgs = {}
+    for h in (1, 2, 3):
+        src = SourceConfig(name="mailboxes", type="maildir", quarantine="folder",
+                           paths=(str(root / f"host{h}" / "*" / "Maildir"),))
+        cfgs[h] = replace(config, sources=(src,),
+                          clamd=replace(config.clamd, socket=str(clamd.socket_path),
+                                        database_directory=str(clamd.db_dir)))
+    before = clamd.scan_count()
+    for h in (1, 2, 3):  # arrival on three hosts: the shared cache answers hosts 2 and 3
+        build_worker(cfgs[h], store).run_once()
+    assert clamd.scan_count() - before == DISTINCT
+
+    clamd.publish_daily(27002, extra_ndb=(NEW_SIGNATURE,))
+    fingerprint = ClamdClient(cfgs[1].clamd).fingerprint()
+    # A host that died mid-rescan: its lease on three contents expires in 3 s.
+    hashes = sorted({r["content_hash"] for r in rows(store, "SELECT content_hash FROM "
+                                                            "messages")})
+    with store.engine.begin() as conn:
+        for digest in hashes[:3]:
+            conn.execute(text("INSERT INTO rescan_claims (fingerprint, content_hash, holder, "
+                              "lease_until, created_at) VALUES (:f, :h, 'dead-host:1', "
+                              "now() + interval '3 seconds', now())"),
+                         {"f": fingerprint, "h": digest})
+    before = clamd.scan_count()
+    procs = {}
+    for h in (1, 2, 3):
+        path = write_config(tmp_path / f"host{h}.toml", cfgs[h], extra=f"""
+[schedule]
+rescan_lease = "3s"
+
+[[source]]
+name = "mailboxes"
+type = "maildir"
+quarantine = "folder"
+paths = ["{root}/host{h}/*/Maildir"]
+""")
+        procs[h] = subprocess.Popen(
+            [sys.executable, "-m", "spoolscan", "--config", str(path), "rescan", "--all"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGKILL host 3 once it has claimed contents: mid-way (it cannot finish before the
+    # dead host's lease expires).
+    victim = f"%:{procs[3].pid}"
+    deadline = time.monotonic() + 30
+    while procs[3].poll() is None and time.monotonic() < deadline:
+        if rows(store, "SELECT 1 FROM rescan_claims WHERE holder LIKE :v", v=victim):
+            procs[3].kill()
+            break
+        time.sleep(0.02)
+    procs[3].wait()
+    assert procs[3].returncode == -9
+    for h in (1, 2):
+        out, err = procs[h].communicate(timeout=90)
+        assert procs[h].returncode == 1, err[-2000:]  # detections found
+        assert " 0 errors" in out  # (clean copies may be recorded by another host)
+
+    # Each distinct content was scanned by clamd once between the hosts (a scan lost
+    # with the killed host, never recorded, is done again by the host taking over).
+    fresh = rows(store, "SELECT content_hash, count(*) AS n FROM scans WHERE "
+                        "\"trigger\" = 'rescan' AND NOT cached GROUP BY content_hash")
+    assert sorted(r["content_hash"] for r in fresh) == hashes
+    assert all(r["n"] == 1 for r in fresh)
+    assert DISTINCT <= clamd.scan_count() - before <= DISTINCT + 50
+    assert rows(store, "SELECT * FROM rescan_claims WHERE fingerprint = :f AND "
+                       "done_at IS NULL", f=fingerprint) == []
+    for h in (1, 2):  # each host acted on its own copies, once each
+        for i, path in boxes[h].items():
+            assert path.exists() == (i % 3 != 0)
+
+    # Host 3 restarted: its own mail is finished from the cache, without clamd.
+    before = clamd.scan_count()
+    again = subprocess.run([sys.executable, "-m", "spoolscan", "--config",
+                            str(tmp_path / "host3.toml"), "rescan", "--all"],
+                           capture_output=True, text=True, timeout=90)
+    assert again.returncode in (0, 1), again.stderr[-2000:]
+    assert clamd.scan_count() == before
+    for i, path in boxes[3].items():
+        assert path.exists() == (i % 3 != 0)
+    acted = rows(store, "SELECT message_id, count(*) AS n FROM actions WHERE action = "
+                        "'quarantine' AND outcome = 'ok' GROUP BY message_id")
+    assert len(acted) == 3 * (DISTINCT // 3) and all(r["n"] == 1 for r in acted)
+    assert len(rows(store, "SELECT * FROM scans WHERE retroactive")) == 3 * (DISTINCT // 3)

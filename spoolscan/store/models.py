@@ -212,3 +212,18 @@ class Notice(Base):
     # hourly limit: counted in the next digest)
     status: Mapped[str] = mapped_column(String(16))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class RescanClaim(Base):
+    """A content some host's rescan under ``fingerprint`` needs: claimed by one host at a
+    time for a lease (``FOR UPDATE SKIP LOCKED``), done once it has been scanned."""
+
+    __tablename__ = "rescan_claims"
+    __table_args__ = (Index("ix_rescan_claims_created_at", "created_at"),)
+
+    fingerprint: Mapped[str] = mapped_column(String(255), primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(Text)  # host:pid of the claiming rescan
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -29,6 +29,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -44,6 +45,7 @@ from spoolscan.store.models import (
     Message,
     MessageRecipient,
     Release,
+    RescanClaim,
     Scan,
 )
 from spoolscan.text import escape, unescape
@@ -56,6 +58,7 @@ actions = cast(Table, Action.__table__)
 fingerprints = cast(Table, Fingerprint.__table__)
 message_recipients = cast(Table, MessageRecipient.__table__)
 releases = cast(Table, Release.__table__)
+rescan_claims = cast(Table, RescanClaim.__table__)
 
 # The lifecycle recorded in messages.state (see spoolscan.model.State).
 SEEN, VERDICT, ACTING, DONE = State.SEEN, State.VERDICT, State.ACTING, State.DONE
@@ -713,10 +716,78 @@ class Store:
         columns = ["message_id", "scanned_at", "verdict", "fingerprint", "content_hash", "size",
                    "duration_ms", "trigger", "cached", "previous_verdict", "retroactive"]
         with self.engine.begin() as conn:
+            if self.shared:
+                # Hosts rescanning at once: one at a time here, so that no copy gets two
+                # cached scans (the second statement sees the first one's rows).
+                conn.execute(text("SELECT pg_advisory_xact_lock(7271005)"))
             # Count what RETURNING gives: rowcount is not reliable for INSERT .. SELECT.
             result = conn.execute(insert(scans).from_select(columns, rows)
                                   .returning(scans.c.id))
             return sum(1 for _ in result)
+
+    # --- rescans split across hosts (PostgreSQL) --------------------------------------
+
+    @property
+    def shared(self) -> bool:
+        """True for a server database that several hosts may share (PostgreSQL)."""
+        return self.engine.dialect.name == "postgresql"
+
+    def claim_rescan(self, fingerprint: str, hashes: Sequence[str], holder: str,
+                     lease: float) -> list[str]:
+        """Of ``hashes``, the contents this rescan is now to scan under ``fingerprint``:
+        registered if new, then those neither done nor under another live lease, locked
+        with ``FOR UPDATE SKIP LOCKED`` (what another host is claiming at this moment is
+        skipped, not waited for) and leased to ``holder`` for ``lease`` seconds.  The
+        database's clock decides leases, so hosts' clocks need not agree."""
+        if not hashes:
+            return []
+        now = func.now()
+        with self.engine.begin() as conn:
+            conn.execute(postgresql.insert(rescan_claims).values(
+                [{"fingerprint": fingerprint, "content_hash": h, "created_at": now}
+                 for h in hashes]).on_conflict_do_nothing())
+        with self.engine.begin() as conn:
+            free = conn.execute(
+                select(rescan_claims.c.content_hash)
+                .where(rescan_claims.c.fingerprint == fingerprint,
+                       rescan_claims.c.content_hash.in_(list(hashes)),
+                       rescan_claims.c.done_at.is_(None),
+                       or_(rescan_claims.c.lease_until.is_(None),
+                           rescan_claims.c.lease_until < now))
+                .order_by(rescan_claims.c.content_hash)
+                .with_for_update(skip_locked=True)).scalars().all()
+            if free:
+                conn.execute(rescan_claims.update().where(
+                    rescan_claims.c.fingerprint == fingerprint,
+                    rescan_claims.c.content_hash.in_(free)).values(
+                    holder=holder, lease_until=now + timedelta(seconds=lease)))
+        return list(free)
+
+    def finish_rescan_claims(self, fingerprint: str, done: Sequence[str],
+                             released: Sequence[str] = ()) -> None:
+        """``done``: scanned (their verdicts are in the cache).  ``released``: given back
+        unscanned (the copy was gone): another copy, here or elsewhere, claims them."""
+        with self.engine.begin() as conn:
+            if done:
+                conn.execute(rescan_claims.update().where(
+                    rescan_claims.c.fingerprint == fingerprint,
+                    rescan_claims.c.content_hash.in_(list(done))).values(
+                    done_at=func.now(), lease_until=None))
+            if released:
+                conn.execute(rescan_claims.update().where(
+                    rescan_claims.c.fingerprint == fingerprint,
+                    rescan_claims.c.content_hash.in_(list(released))).values(
+                    holder=None, lease_until=None))
+
+    def open_rescan_claims(self, fingerprint: str, hashes: Sequence[str]) -> int:
+        """How many of ``hashes`` are not done yet (leased by another host, or free)."""
+        if not hashes:
+            return 0
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(rescan_claims).where(
+                rescan_claims.c.fingerprint == fingerprint,
+                rescan_claims.c.content_hash.in_(list(hashes)),
+                rescan_claims.c.done_at.is_(None))).scalar_one()
 
     def due_retries(self, source: str, now: datetime | None = None) -> list[dict]:
         """Messages of ``source`` waiting for a retry whose time has come."""
@@ -758,6 +829,7 @@ class Store:
                 or_(messages.c.state == GONE,
                     and_(messages.c.state == DONE, messages.c.kind == "postfix-hold")))
             ids = [r[0] for r in conn.execute(old)]
+            conn.execute(rescan_claims.delete().where(rescan_claims.c.created_at < cutoff))
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
                 conn.execute(actions.delete().where(actions.c.message_id.in_(chunk)))

@@ -1,0 +1,42 @@
+"""rescan claims: rescans split across hosts
+
+``rescan_claims``: one row per (signature fingerprint, content hash) that some host's
+rescan needs.  A host claims rows in batches with ``SELECT ... FOR UPDATE SKIP LOCKED``
+and holds them for a lease (``holder``, ``lease_until``); a content is scanned by the host
+holding its claim, and ``done_at`` says it has been.  A host that dies holding a claim
+loses it when the lease expires.  Used on PostgreSQL; SQLite (one host) does not need it.
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-12-02 02:00:00
+
+"""
+from typing import Sequence, Union
+
+from alembic import op
+import sqlalchemy as sa
+
+
+revision: str = '0005'
+down_revision: Union[str, Sequence[str], None] = '0004'
+branch_labels: Union[str, Sequence[str], None] = None
+depends_on: Union[str, Sequence[str], None] = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        'rescan_claims',
+        sa.Column('fingerprint', sa.String(length=255), nullable=False),
+        sa.Column('content_hash', sa.String(length=64), nullable=False),
+        sa.Column('holder', sa.Text(), nullable=True),
+        sa.Column('lease_until', sa.DateTime(timezone=True), nullable=True),
+        sa.Column('done_at', sa.DateTime(timezone=True), nullable=True),
+        sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint('fingerprint', 'content_hash'),
+    )
+    op.create_index('ix_rescan_claims_created_at', 'rescan_claims', ['created_at'])
+
+
+def downgrade() -> None:
+    op.drop_index('ix_rescan_claims_created_at', table_name='rescan_claims')
+    op.drop_table('rescan_claims')
