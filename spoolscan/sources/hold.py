@@ -167,8 +167,9 @@ class HoldSource(Source):
         )
 
     def owns(self, row: dict) -> bool:
-        """Held mail is this host's only if it was held here (its myhostname)."""
-        return row.get("host") == self.host
+        """Held mail is this host's only if it was held here (its myhostname; a row
+        without a host is taken as this host's, as before hosts shared a store)."""
+        return row.get("host") in (None, self.host)
 
     def examine(self, entry: HoldEntry | str) -> Sighting | None:
         """The sighting of a ready held file (None: not ready, gone or not ours).
