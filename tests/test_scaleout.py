@@ -17,6 +17,7 @@ from sqlalchemy import text
 from spoolscan.clamd import ClamdClient
 from spoolscan.config import ConfigError, SourceConfig, parse_config
 from spoolscan.runner import build_worker
+from spoolscan.store.repo import Store
 from spoolscan.testing.clamd import ClamdInstance, ndb_line
 
 
@@ -186,3 +187,59 @@ paths = ["{root}/host{h}/*/Maildir"]
                         "'quarantine' AND outcome = 'ok' GROUP BY message_id")
     assert len(acted) == 3 * (DISTINCT // 3) and all(r["n"] == 1 for r in acted)
     assert len(rows(store, "SELECT * FROM scans WHERE retroactive")) == 3 * (DISTINCT // 3)
+
+
+# --- three hosts, three Postfix instances, one PostgreSQL ----------------------------------
+
+RCPT = "rcpt@spoolscan.test"
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_three_hosts_share_verdicts_and_each_handles_its_own_mail(config, db_url, clamd,
+                                                                  postfix_factory):
+    hosts = [postfix_factory(f"mx{i}", hostname=f"mx{i}.spoolscan.test") for i in (1, 2, 3)]
+    shared_clean = message(subject="to every MX", body="one mail, three hosts\n")
+    shared_bad = eicar_message(subject="to every MX, infected")
+    stores, workers = [], []
+    for pf in hosts:
+        src = SourceConfig(name="postfix", type="postfix-hold", sweep_interval=0.5,
+                           config_directory=str(pf.config_dir))
+        cfg = replace(config, sources=(src,),
+                      policy=replace(config.policy, local_domains=("spoolscan.test",)))
+        stores.append(Store.open(db_url))  # a host of its own: its own connections
+        workers.append(build_worker(cfg, stores[-1]))
+    before = clamd.scan_count()
+    try:
+        with running(workers[0]), running(workers[1]), running(workers[2]):
+            # The first host sees the shared content first; the other two then get it at
+            # once (copies arriving at the same instant on two hosts may each be scanned).
+            for data in (shared_clean, shared_bad, message(subject="only mx1")):
+                hosts[0].send(data, recipients=[RCPT])
+            hosts[0].wait_delivered("rcpt", 2, timeout=30)
+            wait_until(lambda: hosts[0].held_ids() == [], 30)
+            for i, pf in enumerate(hosts[1:], start=2):
+                for data in (shared_clean, shared_bad, message(subject=f"only mx{i}")):
+                    pf.send(data, recipients=[RCPT])
+            for pf in hosts:
+                pf.wait_delivered("rcpt", 2, timeout=30)
+                wait_until(lambda pf=pf: pf.held_ids() == [], 30)
+    finally:
+        for s in stores:
+            s.close()
+    # 3 distinct contents + the 2 shared ones: one clamd scan each, in total.
+    assert clamd.scan_count() - before == 5
+    for pf in hosts:
+        delivered = sorted(p.read_bytes().count(b"to every MX") for p in pf.delivered("rcpt"))
+        assert delivered == [0, 1]  # the shared clean one and its own; never the EICAR
+    store = stores[0]
+    msgs = rows(store, "SELECT host, verdict, state, content_hash FROM messages")
+    assert len(msgs) == 9 and all(m["state"] == "done" for m in msgs)
+    assert sorted(m["host"] for m in msgs) == sorted(f"mx{i}.spoolscan.test"
+                                                     for i in (1, 2, 3) for _ in range(3))
+    acted = rows(store, "SELECT a.action, m.host, count(*) AS n FROM actions a JOIN "
+                        "messages m ON m.id = a.message_id WHERE a.outcome = 'ok' "
+                        "GROUP BY a.action, m.host")
+    assert sorted((r["action"], r["n"]) for r in acted) == (
+        [("quarantine", 1)] * 3 + [("release", 2)] * 3)
+    cached = rows(store, "SELECT count(*) AS n FROM scans WHERE cached")
+    assert cached[0]["n"] == 4  # the shared contents on mx2 and mx3
