@@ -129,7 +129,7 @@ def cmd_rescan(args: argparse.Namespace, config: Config) -> int:
     from datetime import timedelta
 
     from spoolscan.config import parse_duration
-    from spoolscan.rescan import print_summary, rescan
+    from spoolscan.rescan import print_summary, rescan, rescan_host
     from spoolscan.runner import build_worker, prepare
     from spoolscan.store.repo import utcnow
 
@@ -143,7 +143,7 @@ def cmd_rescan(args: argparse.Namespace, config: Config) -> int:
         if fingerprint is None:
             print("spoolscan: clamd does not answer; nothing rescanned", file=sys.stderr)
             return EXIT_ERROR
-        if args.if_signatures_changed and not store.needs_rescan(fingerprint):
+        if args.if_signatures_changed and not store.needs_rescan(fingerprint, rescan_host()):
             if not args.quiet:  # from cron: no mail when there is nothing to say
                 print(f"signatures unchanged since the last rescan ({fingerprint}): "
                       "nothing to do")

@@ -106,7 +106,7 @@ def rescan(worker: Worker, *, since: datetime | None, source: str | None = None,
                       + delta.get("database_errors", 0))
     summary.elapsed = time.monotonic() - started
     if summary.errors == 0:
-        store.mark_rescanned(fingerprint)
+        store.mark_rescanned(fingerprint, rescan_host())
     log.info(summary.line())
     return summary
 
@@ -147,6 +147,11 @@ def _feed(worker: Worker, since: datetime | None, source: str | None, fingerprin
         # finished, so it must not race with messages still in flight.
         worker.wait_idle(settle=0.0)
     return seen
+
+
+def rescan_host() -> str:
+    """This host's name, for "has this host rescanned its mail?" on a shared store."""
+    return socket.gethostname()
 
 
 def _feed_claimed(worker: Worker, since: datetime | None, source: str | None,
@@ -202,7 +207,7 @@ def _feed_claimed(worker: Worker, since: datetime | None, source: str | None,
 def check_signatures(worker: Worker, window: timedelta) -> RescanSummary | None:
     """If clamd's signatures changed since the last completed rescan, rescan the window."""
     fingerprint = worker.service.fingerprints.refresh()
-    if fingerprint is None or not worker.store.needs_rescan(fingerprint):
+    if fingerprint is None or not worker.store.needs_rescan(fingerprint, rescan_host()):
         return None
     log.info("signatures changed (%s): rescanning mail of the last %s", fingerprint, window)
     return rescan(worker, since=utcnow() - window)

@@ -18,7 +18,7 @@ from spoolscan.clamd import ClamdClient
 from spoolscan.config import ConfigError, SourceConfig, parse_config
 from spoolscan.runner import build_worker
 from spoolscan.store.repo import Store
-from spoolscan.testing.clamd import ClamdInstance, ndb_line
+from spoolscan.testing.clamd import EICAR, ClamdInstance, ndb_line
 
 
 def test_shard_config():
@@ -130,7 +130,7 @@ def test_three_hosts_rescan_each_content_once_and_take_over_a_dead_hosts_share(
                               "now() + interval '3 seconds', now())"),
                          {"f": fingerprint, "h": digest})
     before = clamd.scan_count()
-    procs = {}
+    cmds = {}
     for h in (1, 2, 3):
         path = write_config(tmp_path / f"host{h}.toml", cfgs[h], extra=f"""
 [schedule]
@@ -142,20 +142,26 @@ type = "maildir"
 quarantine = "folder"
 paths = ["{root}/host{h}/*/Maildir"]
 """)
-        procs[h] = subprocess.Popen(
-            [sys.executable, "-m", "spoolscan", "--config", str(path), "rescan", "--all"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # SIGKILL host 3 once it has claimed contents: mid-way (it cannot finish before the
-    # dead host's lease expires).
+        cmds[h] = [sys.executable, "-m", "spoolscan", "--config", str(path), "rescan", "--all"]
+    # Host 3 starts first and is SIGKILLed as soon as it holds claims (mid-way: it cannot
+    # finish before the dead host's lease expires); hosts 1 and 2 start meanwhile.
+    procs = {3: subprocess.Popen(cmds[3], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)}
     victim = f"%:{procs[3].pid}"
     deadline = time.monotonic() + 30
     while procs[3].poll() is None and time.monotonic() < deadline:
         if rows(store, "SELECT 1 FROM rescan_claims WHERE holder LIKE :v", v=victim):
             procs[3].kill()
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
     procs[3].wait()
     assert procs[3].returncode == -9
+    held = rows(store, "SELECT count(*) AS n FROM rescan_claims WHERE holder LIKE :v AND "
+                       "done_at IS NULL", v=victim)
+    assert held[0]["n"] > 0  # it died holding leases: hosts 1 and 2 take them over
+    for h in (1, 2):
+        procs[h] = subprocess.Popen(cmds[h], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
     for h in (1, 2):
         out, err = procs[h].communicate(timeout=90)
         assert procs[h].returncode == 1, err[-2000:]  # detections found
@@ -198,8 +204,12 @@ RCPT = "rcpt@spoolscan.test"
 def test_three_hosts_share_verdicts_and_each_handles_its_own_mail(config, db_url, clamd,
                                                                   postfix_factory):
     hosts = [postfix_factory(f"mx{i}", hostname=f"mx{i}.spoolscan.test") for i in (1, 2, 3)]
-    shared_clean = message(subject="to every MX", body="one mail, three hosts\n")
-    shared_bad = eicar_message(subject="to every MX, infected")
+    # Real mail has a Date (else each Postfix adds its own, and the copies differ).
+    date = {"Date": "Wed, 02 Dec 2026 02:00:00 +0000"}
+    shared_clean = message(subject="to every MX", body="one mail, three hosts\n",
+                           headers=date)
+    shared_bad = message(subject="to every MX, infected", body="See attachment.\n",
+                         attachment=EICAR, filename="eicar.com", headers=date)
     stores, workers = [], []
     for pf in hosts:
         src = SourceConfig(name="postfix", type="postfix-hold", sweep_interval=0.5,
@@ -243,3 +253,12 @@ def test_three_hosts_share_verdicts_and_each_handles_its_own_mail(config, db_url
         [("quarantine", 1)] * 3 + [("release", 2)] * 3)
     cached = rows(store, "SELECT count(*) AS n FROM scans WHERE cached")
     assert cached[0]["n"] == 4  # the shared contents on mx2 and mx3
+
+
+@pytest.mark.parametrize("db_url", ["postgresql", "sqlite"], indirect=True)
+def test_a_rescan_is_complete_per_host_on_a_shared_store(store):
+    store.mark_rescanned("ClamAV daily/27002/", "mx1")
+    assert not store.needs_rescan("ClamAV daily/27002/", "mx1")
+    # Each host rescans its own mail: mx2 has not (one host on SQLite: it has).
+    assert store.needs_rescan("ClamAV daily/27002/", "mx2") == store.shared
+    assert not store.needs_rescan("ClamAV daily/27002/")

@@ -6,6 +6,9 @@ and holds them for a lease (``holder``, ``lease_until``); a content is scanned b
 holding its claim, and ``done_at`` says it has been.  A host that dies holding a claim
 loses it when the lease expires.  Used on PostgreSQL; SQLite (one host) does not need it.
 
+``host_rescans``: which host completed a rescan under which fingerprint (each host rescans
+its own mail, so "rescanned" is per host on a shared store).
+
 Revision ID: 0005
 Revises: 0004
 Create Date: 2026-12-02 02:00:00
@@ -35,8 +38,16 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint('fingerprint', 'content_hash'),
     )
     op.create_index('ix_rescan_claims_created_at', 'rescan_claims', ['created_at'])
+    op.create_table(
+        'host_rescans',
+        sa.Column('fingerprint', sa.String(length=255), nullable=False),
+        sa.Column('host', sa.Text(), nullable=False),
+        sa.Column('rescanned_at', sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint('fingerprint', 'host'),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table('host_rescans')
     op.drop_index('ix_rescan_claims_created_at', table_name='rescan_claims')
     op.drop_table('rescan_claims')

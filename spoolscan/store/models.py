@@ -227,3 +227,13 @@ class RescanClaim(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class HostRescan(Base):
+    """A host completed a rescan of its own mail under ``fingerprint`` (shared stores)."""
+
+    __tablename__ = "host_rescans"
+
+    fingerprint: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(Text, primary_key=True)
+    rescanned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

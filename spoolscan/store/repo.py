@@ -42,6 +42,7 @@ from spoolscan.store.db import check_schema, create_engine_for
 from spoolscan.store.models import (
     Action,
     Fingerprint,
+    HostRescan,
     Message,
     MessageRecipient,
     Release,
@@ -59,6 +60,7 @@ fingerprints = cast(Table, Fingerprint.__table__)
 message_recipients = cast(Table, MessageRecipient.__table__)
 releases = cast(Table, Release.__table__)
 rescan_claims = cast(Table, RescanClaim.__table__)
+host_rescans = cast(Table, HostRescan.__table__)
 
 # The lifecycle recorded in messages.state (see spoolscan.model.State).
 SEEN, VERDICT, ACTING, DONE = State.SEEN, State.VERDICT, State.ACTING, State.DONE
@@ -259,18 +261,30 @@ class Store:
                              .values(last_seen_at=now))
         return inserted
 
-    def needs_rescan(self, fingerprint: str) -> bool:
-        """True unless a rescan under ``fingerprint`` has completed."""
+    def needs_rescan(self, fingerprint: str, host: str | None = None) -> bool:
+        """True unless a rescan under ``fingerprint`` has completed (on a shared store:
+        a rescan by ``host``, since each host rescans its own mail)."""
         with self.engine.connect() as conn:
-            done = conn.execute(select(fingerprints.c.rescanned_at)
-                                .where(fingerprints.c.fingerprint == fingerprint)).scalar()
+            if self.shared and host is not None:
+                done = conn.execute(select(host_rescans.c.rescanned_at).where(
+                    host_rescans.c.fingerprint == fingerprint,
+                    host_rescans.c.host == host)).scalar()
+            else:
+                done = conn.execute(select(fingerprints.c.rescanned_at)
+                                    .where(fingerprints.c.fingerprint == fingerprint)).scalar()
         return done is None
 
-    def mark_rescanned(self, fingerprint: str) -> None:
+    def mark_rescanned(self, fingerprint: str, host: str | None = None) -> None:
         self.note_fingerprint(fingerprint)
+        now = utcnow()
         with self.engine.begin() as conn:
             conn.execute(update(fingerprints).where(fingerprints.c.fingerprint == fingerprint)
-                         .values(rescanned_at=utcnow()))
+                         .values(rescanned_at=now))
+            if self.shared and host is not None:
+                conn.execute(postgresql.insert(host_rescans).values(
+                    fingerprint=fingerprint, host=host, rescanned_at=now)
+                    .on_conflict_do_update(index_elements=["fingerprint", "host"],
+                                           set_={"rescanned_at": now}))
 
     def fingerprint_first_seen(self, fingerprint: str | None) -> float | None:
         """When ``fingerprint`` was first seen (epoch seconds), None if never."""
