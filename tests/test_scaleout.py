@@ -262,3 +262,26 @@ def test_a_rescan_is_complete_per_host_on_a_shared_store(store):
     # Each host rescans its own mail: mx2 has not (one host on SQLite: it has).
     assert store.needs_rescan("ClamAV daily/27002/", "mx2") == store.shared
     assert not store.needs_rescan("ClamAV daily/27002/")
+
+
+def test_doctor_on_network_mailboxes_and_shards(tmp_path, monkeypatch):
+    from spoolscan import doctor
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\nfiler:/vmail /srv/vmail nfs4 rw 0 0\n"
+                      "filer:/x /srv/my\\040mail nfs rw 0 0\n")
+    assert doctor.filesystem_type("/srv/vmail/a/Maildir", str(mounts)) == "nfs4"
+    assert doctor.filesystem_type("/srv/my mail/b", str(mounts)) == "nfs"
+    assert doctor.filesystem_type("/srv/vmailx", str(mounts)) == "ext4"
+    make_maildir(tmp_path / "vmail" / "u1" / "Maildir")
+    paths = (str(tmp_path / "vmail" / "*" / "Maildir"),)
+    monkeypatch.setattr(doctor, "filesystem_type", lambda path: "nfs4")
+    src = SourceConfig(name="m", type="maildir", paths=paths)
+    with pytest.raises(doctor.Problem, match="network filesystem"):
+        doctor.check_maildir_source(src)
+    sharded = replace(src, sweep_only=True, shard=(1, 1))
+    cfg = parse_config({"database": {"url": "sqlite:////tmp/x.db"}})
+    with pytest.raises(doctor.Problem, match="database of this host only"):
+        doctor.check_maildir_source(sharded, cfg)
+    pg = parse_config({"database": {"url": "postgresql+psycopg://db/spoolscan"}})
+    assert "1 in shard 1/1" in doctor.check_maildir_source(sharded, pg)
