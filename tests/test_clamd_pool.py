@@ -214,3 +214,44 @@ def test_pool_of_two_one_killed_mid_burst_then_both_then_restarted(config, store
         postfix.wait_delivered("rcpt", 33, timeout=60)
         wait_until(lambda: postfix.held_ids() == [], 20)
     assert worker.stats["error"] >= 3 and worker.stats["clean"] >= 33
+
+
+def test_a_local_and_a_tcp_server_fildes_and_instream(tmp_path):
+    """FILDES goes to the local socket, INSTREAM to the TCP server; equal signatures (the
+    daily version) make one pool fingerprint."""
+    import socket as socketmod
+
+    from spoolscan.testing.clamd import EICAR
+
+    with socketmod.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    local = ClamdInstance(tmp_path / "local")
+    remote = ClamdInstance(tmp_path / "remote",
+                           extra_conf=f"TCPSocket {port}\nTCPAddr 127.0.0.1\n")
+    for instance in (local, remote):
+        instance.start()
+        instance.publish_daily(27001)
+    try:
+        cfg = ClamdConfig(servers=(str(local.socket_path), f"127.0.0.1:{port}"), timeout=10,
+                          database_directory=str(local.db_dir))
+        pool = client_for(cfg)
+        assert isinstance(pool, ClamdPool)
+        assert pool.fingerprint() == "ClamAV daily/27001/"
+        assert [s for _, s, _ in pool.states()] == ["up", "up"]
+        sample = tmp_path / "eicar.com"
+        sample.write_bytes(EICAR)
+        before = (local.scan_count(), remote.scan_count())
+        results = []
+        with open(sample, "rb") as fh:
+            for _ in range(12):
+                results.append(pool.scan_fd(fh.fileno(), len(EICAR)))
+        assert all(r.verdict == Verdict.INFECTED for r in results)
+        assert local.scan_count() > before[0] and remote.scan_count() > before[1]
+        found = [line for line in remote.log_path.read_text().splitlines() if "FOUND" in line]
+        assert found and all("instream(127.0.0.1@" in line for line in found)  # INSTREAM
+        found = [line for line in local.log_path.read_text().splitlines() if "FOUND" in line]
+        assert found and all(str(sample) in line for line in found)  # FILDES: the file
+    finally:
+        local.stop()
+        remote.stop()
