@@ -178,7 +178,7 @@ class ClamdClient:
         """Ask clamd to reload its databases (asynchronous on clamd's side)."""
         return self._command("RELOAD")
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, timeout: float = 10.0) -> str:
         """An identifier of the signatures clamd is using now, equal on every host that
         has the same signatures (the verdict cache is shared between hosts under it).
 
@@ -197,7 +197,7 @@ class ClamdClient:
         pending), in which case a later fingerprint follows the reload and its rescan
         covers what was stamped in between.
         """
-        return content_fingerprint(self.version(),
+        return content_fingerprint(self.version(timeout),
                                    None if self.address else self.config.database_directory)
 
     # --- scanning --------------------------------------------------------------------

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 RETRY_FIRST: Final = 1.0  # seconds before a failed server is tried again, doubling
 RETRY_MAX: Final = 60.0
-PROBE_TIMEOUT: Final = 2.0
+PROBE_TIMEOUT: Final = 5.0  # PING and VERSION of the health checks: a server that is
+# silent (a dropped TCP connection) holds up the fingerprint read no longer than this
 _DAILY = re.compile(r"daily/(\d+)/")
 
 
@@ -129,7 +130,7 @@ class ClamdPool:
         try:
             if member.client._command("PING", PROBE_TIMEOUT) != "PONG":
                 raise ClamdError("no PONG")
-            fingerprint = member.client.fingerprint()
+            fingerprint = member.client.fingerprint(PROBE_TIMEOUT)
         except (ClamdError, OSError) as exc:
             self._failed(member, str(exc))
             return False
@@ -146,7 +147,7 @@ class ClamdPool:
                     self._probe(member)
                 continue
             try:
-                fingerprint = member.client.fingerprint()
+                fingerprint = member.client.fingerprint(PROBE_TIMEOUT)
             except ClamdError as exc:
                 self._failed(member, str(exc))
                 continue

@@ -40,7 +40,7 @@ class FakeServer:
         self._check()
         return "PONG"
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, timeout: float = 10.0) -> str:
         self._check()
         return self.fp
 
