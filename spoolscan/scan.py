@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -266,13 +267,62 @@ class ScanService:
                 if other.is_final:
                     return Outcome(job, info, replace(other, duration_ms=0), cached=True)
                 key = None  # the other scan failed: scan this copy ourselves
+        remote = None
+        if key is not None and self.cache.shared:
+            # Another host may be scanning the same content right now: wait for its
+            # verdict rather than scanning it a second time.
+            theirs, remote = self._other_host(key)
+            if theirs is not None:
+                self.cache.release(key, theirs)
+                return Outcome(job, info, replace(theirs, duration_ms=0), cached=True)
         result = ScanResult(Verdict.ERROR, detail="not scanned", fingerprint=fingerprint)
         try:
             result = replace(self._scan_content(opened, size), fingerprint=fingerprint)
         finally:
             if key is not None:
                 self.cache.release(key, result)
+            if remote is not None and not result.is_final:
+                self._give_back(key, remote)
         return Outcome(job, info, result)
+
+    def _other_host(self, key: tuple[str, str]) -> tuple[ScanResult | None, str | None]:
+        """On a shared store: (another host's verdict for ``key``, None) if one came while
+        we waited for it; else (None, our claim's holder) and this host scans.  A host
+        holding a claim has until its lease (twice the scan timeout) to commit a verdict;
+        a store that cannot be asked means: scan here."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        assert self.store is not None
+        holder = f"{socket.gethostname()}:{os.getpid()}"
+        lease = self.client.config.timeout * 2
+        deadline = time.monotonic() + lease + 1
+        try:
+            while True:
+                if self.store.claim_scan(key[1], key[0], holder, lease):
+                    row = self.store.cached_verdict(*key)  # committed just before?
+                    if row is None:
+                        return None, holder
+                else:
+                    row = self.store.cached_verdict(*key)
+                if row is not None:
+                    return ScanResult(Verdict(row.verdict), signature=row.signature,
+                                      fingerprint=key[1]), None
+                if time.monotonic() > deadline:
+                    return None, None
+                time.sleep(0.05)
+        except SQLAlchemyError as exc:
+            log.debug("scan claims not available (%s): scanning here", exc)
+            return None, None
+
+    def _give_back(self, key: tuple[str, str] | None, holder: str) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if key is None or self.store is None:
+            return
+        try:
+            self.store.release_scan(key[1], key[0], holder)
+        except SQLAlchemyError as exc:
+            log.debug("scan claim not given back (%s): it lapses", exc)
 
     def _scan_content(self, opened: Opened, size: int) -> ScanResult:
         if opened.fd is not None:

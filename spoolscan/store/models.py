@@ -237,3 +237,17 @@ class HostRescan(Base):
     fingerprint: Mapped[str] = mapped_column(String(255), primary_key=True)
     host: Mapped[str] = mapped_column(Text, primary_key=True)
     rescanned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ScanClaim(Base):
+    """A host is scanning a content new to the store under ``fingerprint`` (arrivals on a
+    shared store): others wait for its verdict until ``lease_until``."""
+
+    __tablename__ = "scan_claims"
+    __table_args__ = (Index("ix_scan_claims_created_at", "created_at"),)
+
+    fingerprint: Mapped[str] = mapped_column(String(255), primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(Text)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -48,6 +48,7 @@ from spoolscan.store.models import (
     Release,
     RescanClaim,
     Scan,
+    ScanClaim,
 )
 from spoolscan.text import escape, unescape
 
@@ -61,6 +62,7 @@ message_recipients = cast(Table, MessageRecipient.__table__)
 releases = cast(Table, Release.__table__)
 rescan_claims = cast(Table, RescanClaim.__table__)
 host_rescans = cast(Table, HostRescan.__table__)
+scan_claims = cast(Table, ScanClaim.__table__)
 
 # The lifecycle recorded in messages.state (see spoolscan.model.State).
 SEEN, VERDICT, ACTING, DONE = State.SEEN, State.VERDICT, State.ACTING, State.DONE
@@ -793,6 +795,31 @@ class Store:
                     rescan_claims.c.content_hash.in_(list(released))).values(
                     holder=None, lease_until=None))
 
+    def claim_scan(self, fingerprint: str, content_hash: str, holder: str,
+                   lease: float) -> bool:
+        """Arrivals on a shared store: True if ``holder`` is now the one to scan this
+        content (nobody held it, or the holder's lease ran out or was given back)."""
+        now = func.now()
+        until = now + timedelta(seconds=lease)
+        stmt = postgresql.insert(scan_claims).values(
+            fingerprint=fingerprint, content_hash=content_hash, holder=holder,
+            lease_until=until, created_at=now)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["fingerprint", "content_hash"],
+            set_={"holder": holder, "lease_until": until},
+            where=or_(scan_claims.c.lease_until.is_(None), scan_claims.c.lease_until < now))
+        with self.engine.begin() as conn:
+            return conn.execute(stmt.returning(scan_claims.c.holder)).first() is not None
+
+    def release_scan(self, fingerprint: str, content_hash: str, holder: str) -> None:
+        """Give a scan claim back (the scan gave no definite verdict): another host may
+        scan the content at once."""
+        with self.engine.begin() as conn:
+            conn.execute(scan_claims.update().where(
+                scan_claims.c.fingerprint == fingerprint,
+                scan_claims.c.content_hash == content_hash,
+                scan_claims.c.holder == holder).values(lease_until=None))
+
     def open_rescan_claims(self, fingerprint: str, hashes: Sequence[str]) -> int:
         """How many of ``hashes`` are not done yet (leased by another host, or free)."""
         if not hashes:
@@ -844,6 +871,9 @@ class Store:
                     and_(messages.c.state == DONE, messages.c.kind == "postfix-hold")))
             ids = [r[0] for r in conn.execute(old)]
             conn.execute(rescan_claims.delete().where(rescan_claims.c.created_at < cutoff))
+            # Arrival claims matter for a lease (minutes): a day is plenty.
+            conn.execute(scan_claims.delete().where(
+                scan_claims.c.created_at < utcnow() - timedelta(days=1)))
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
                 conn.execute(actions.delete().where(actions.c.message_id.in_(chunk)))
