@@ -299,11 +299,8 @@ class ScanService:
         try:
             while True:
                 if self.store.claim_scan(key[1], key[0], holder, lease):
-                    row = self.store.cached_verdict(*key)  # committed just before?
-                    if row is None:
-                        return None, holder
-                else:
-                    row = self.store.cached_verdict(*key)
+                    return None, holder
+                row = self.store.cached_verdict(*key)
                 if row is not None:
                     return ScanResult(Verdict(row.verdict), signature=row.signature,
                                       fingerprint=key[1]), None
