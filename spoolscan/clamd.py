@@ -85,22 +85,35 @@ class ClamdClient:
     nothing.  ``max_size`` makes larger content *unchecked* without sending it.
     """
 
-    def __init__(self, config: ClamdConfig, max_size: int | None = None) -> None:
+    def __init__(self, config: ClamdConfig, max_size: int | None = None,
+                 server: str | None = None) -> None:
+        """``server``: one of ``[clamd] servers`` (a socket path or ``host:port``);
+        default: ``[clamd] address`` if set, else ``socket``."""
         self.config = config
         self.max_size = max_size
+        if server is None:
+            self.address: str | None = config.address
+            self.socket: str | None = None if config.address else config.socket
+        else:
+            self.address = None if server.startswith("/") else server
+            self.socket = server if server.startswith("/") else None
         self._local = threading.local()
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp:{self.address}" if self.address else f"unix:{self.socket}"
 
     # --- connections -----------------------------------------------------------------
 
     def _client(self) -> pyclamd.pyclamd._ClamdGeneric:
         client = getattr(self._local, "client", None)
         if client is None:
-            if self.config.address:
-                host, _, port = self.config.address.rpartition(":")
+            if self.address:
+                host, _, port = self.address.rpartition(":")
                 client = pyclamd.ClamdNetworkSocket(host=host.strip("[]"), port=int(port),
                                                     timeout=self.config.timeout)
             else:
-                client = pyclamd.ClamdUnixSocket(filename=self.config.socket,
+                client = pyclamd.ClamdUnixSocket(filename=self.socket,
                                                  timeout=self.config.timeout)
             self._local.client = client
         return client
@@ -111,7 +124,7 @@ class ClamdClient:
             client.timeout = _remaining(deadline)
             client._init_socket()
         except OSError as exc:  # pyclamd.ConnectionError is an OSError
-            raise ClamdError(f"cannot connect to clamd at {self.config.endpoint}: {exc}") from None
+            raise ClamdError(f"cannot connect to clamd at {self.endpoint}: {exc}") from None
         sock: socket.socket = client.clamd_socket
         client.clamd_socket = None  # the socket is ours now; pyclamd must not reuse it
         sock.settimeout(_remaining(deadline))
@@ -165,19 +178,27 @@ class ClamdClient:
         """Ask clamd to reload its databases (asynchronous on clamd's side)."""
         return self._command("RELOAD")
 
-    def fingerprint(self) -> str:
-        """An identifier of the signatures clamd is using now.
+    def fingerprint(self, timeout: float = 10.0) -> str:
+        """An identifier of the signatures clamd is using now, equal on every host that
+        has the same signatures (the verdict cache is shared between hosts under it).
 
-        clamd's VERSION line (its middle number is the version of the official ``daily``
-        database) plus a digest of the database directory listing (names, sizes,
-        mtimes), so that third-party or local signature files count too.  Read it
-        *before* the scans it stamps.  VERSION changes only once clamd has loaded new
-        official signatures; the digest can change a little earlier (files replaced,
-        reload pending), in which case a later fingerprint follows the reload and its
-        rescan covers what was stamped in between.
+        Content-based: when clamd's VERSION reports the version of the ``daily`` database
+        (``ClamAV 1.4.6/27001/<date>``), that number, plus a digest of the *contents* of
+        any other (local, third-party) signature files in ``database_directory``; with
+        custom databases only, the digest of all signature files' contents.  Neither the
+        engine version, nor clamd's time zone (the date in VERSION), nor file names of
+        temporary copies, sizes or mtimes enter it.  Digests are cached per file by
+        (size, mtime, ctime, inode), so asking every few seconds reads nothing again.
+
+        Only a clamd on a local socket is digested (``database_directory`` is on this
+        host); a clamd over TCP is fingerprinted by its VERSION only.  Read it *before*
+        the scans it stamps: VERSION changes only once clamd has loaded new official
+        signatures; the digest can change a little earlier (files replaced, reload
+        pending), in which case a later fingerprint follows the reload and its rescan
+        covers what was stamped in between.
         """
-        version = self.version()
-        return f"{version}+db:{database_digest(self.config.database_directory)}"
+        return content_fingerprint(self.version(timeout),
+                                   None if self.address else self.config.database_directory)
 
     # --- scanning --------------------------------------------------------------------
 
@@ -205,13 +226,23 @@ class ClamdClient:
         too_large = self._too_large(size)
         if too_large is not None:
             return too_large
-        if self.config.address:
+        started = time.monotonic()
+        result = self._guarded(self.exchange_fd, fd, started + self.config.timeout)
+        return replace(result, duration_ms=int((time.monotonic() - started) * 1000))
+
+    def exchange_fd(self, fd: int, deadline: float) -> ScanResult:
+        """One scan of an open file: FILDES on a local socket, INSTREAM over TCP (from
+        the start of the file).  Raises ClamdError/OSError/TimeoutError when this clamd
+        gave no usable answer (another server may); returns clamd's answer otherwise."""
+        if self.address:
             os.lseek(fd, 0, os.SEEK_SET)
             with os.fdopen(os.dup(fd), "rb", buffering=0) as stream:
-                return self.scan_stream(stream)  # type: ignore[arg-type]
-        started = time.monotonic()
-        result = self._guarded(self._fildes, fd, started + self.config.timeout)
-        return replace(result, duration_ms=int((time.monotonic() - started) * 1000))
+                return self._instream(stream, deadline)  # type: ignore[arg-type]
+        return self._fildes(fd, deadline)
+
+    def exchange_stream(self, stream: BinaryIO, deadline: float) -> ScanResult:
+        """One INSTREAM scan; raises as ``exchange_fd`` does."""
+        return self._instream(stream, deadline)
 
     def _guarded(self, scan, content, deadline: float) -> ScanResult:  # type: ignore[no-untyped-def]
         """Run one scan exchange; every failure becomes an ``error`` result."""
@@ -252,12 +283,12 @@ class ClamdClient:
                 try:
                     return parse_reply(self._read_reply(sock, deadline), "stream")
                 except (OSError, ClamdError):
-                    return ScanResult(Verdict.ERROR, detail="clamd closed the connection "
-                                                            "while the message was being sent")
+                    raise ClamdError("clamd closed the connection while the message was "
+                                     "being sent") from None
             try:
                 return parse_reply(self._read_reply(sock, deadline), "stream")
             except ClamdError as exc:
-                return ScanResult(Verdict.ERROR, detail=f"no reply from clamd: {exc}")
+                raise ClamdError(f"no reply from clamd: {exc}") from None
 
 
 def _remaining(deadline: float) -> float:
@@ -277,14 +308,57 @@ def _readinto(stream: BinaryIO, buf: bytearray) -> int:
     return len(data)
 
 
-def database_digest(directory: str) -> str:
-    """A short digest of the signature files in ``directory`` (name, size, mtime)."""
+_OFFICIAL: Final = ("main.", "daily.", "bytecode.")
+_DIGESTS: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def content_fingerprint(version: str, directory: str | None) -> str:
+    """The fingerprint for clamd's VERSION reply and its database directory (None: not
+    reachable from here).  See ``ClamdClient.fingerprint``."""
+    parts = version.split("/")
+    if len(parts) >= 2 and parts[1].strip().isdigit():
+        # Official (or versioned) daily: its number names it; local files beside it too.
+        base = f"ClamAV daily/{int(parts[1])}/"
+        if directory is None:
+            return base
+        local = database_digest(directory, official=False)
+        return base if local == EMPTY_DIGEST else f"{base}+db:{local}"
+    if directory is None:
+        return f"{version.strip()}+remote"
+    return f"ClamAV custom+db:{database_digest(directory)}"
+
+
+EMPTY_DIGEST: Final = hashlib.sha256(b"").hexdigest()[:16]
+
+
+def database_digest(directory: str, official: bool = True) -> str:
+    """A short digest of the contents of the signature files in ``directory`` (sorted by
+    name; ``official=False``: leaving out ``main.*``, ``daily.*``, ``bytecode.*``).  A
+    file whose size, mtime, ctime and inode are unchanged is not read again."""
+    lines: list[str] = []
     try:
         entries = sorted(
-            (e.name, e.stat().st_size, e.stat().st_mtime_ns)
+            (e.name, e.path, e.stat(follow_symlinks=False))
             for e in os.scandir(directory)
-            if e.name.endswith(_DB_SUFFIXES) and e.is_file()
+            if e.name.endswith(_DB_SUFFIXES) and not e.name.startswith(".")
+            and e.is_file(follow_symlinks=False)
+            and (official or not e.name.startswith(_OFFICIAL))
         )
+        for name, path, st in entries:
+            key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            with _DIGESTS_LOCK:
+                cached = _DIGESTS.get(path)
+            if cached is None or cached[0] != key:
+                h = hashlib.sha256()
+                with open(path, "rb") as fh:
+                    while chunk := fh.read(1 << 20):
+                        h.update(chunk)
+                cached = (key, h.hexdigest())
+                with _DIGESTS_LOCK:
+                    _DIGESTS[path] = cached
+            # The name's suffix says how clamd reads the file; the rest of it is free.
+            lines.append(f"{name.rsplit('.', 1)[-1]}:{cached[1]}\n")
     except OSError:
         return "unreadable"
-    return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
+    return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()[:16]

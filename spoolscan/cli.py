@@ -54,12 +54,12 @@ def _open_store(config: Config, auto_create: bool = True):  # type: ignore[no-un
 
 
 def cmd_scan(args: argparse.Namespace, config: Config) -> int:
-    from spoolscan.clamd import ClamdClient
+    from spoolscan.clamdpool import client_for
     from spoolscan.ondemand import scan_paths
     from spoolscan.scan import ScanService
 
     store = None if args.no_store else _open_store(config)
-    client = ClamdClient(config.clamd, max_size=config.policy.max_size)
+    client = client_for(config.clamd, max_size=config.policy.max_size)
     service = ScanService(client=client, store=store, use_cache=not args.no_cache,
                           snapshot_dir=config.quarantine.directory)
     try:
@@ -73,14 +73,15 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_version(args: argparse.Namespace, config: Config) -> int:
-    from spoolscan.clamd import ClamdClient, ClamdError
+    from spoolscan.clamd import ClamdError
+    from spoolscan.clamdpool import client_for
 
-    client = ClamdClient(config.clamd)
+    client = client_for(config.clamd)
     info: dict[str, str | None] = {"spoolscan": __version__, "clamd": None,
                                    "endpoint": config.clamd.endpoint, "fingerprint": None}
     try:
-        info["clamd"] = client.version()
         info["fingerprint"] = client.fingerprint()
+        info["clamd"] = client.version()
         code = EXIT_OK
     except ClamdError as exc:
         info["error"] = str(exc)
@@ -128,7 +129,7 @@ def cmd_rescan(args: argparse.Namespace, config: Config) -> int:
     from datetime import timedelta
 
     from spoolscan.config import parse_duration
-    from spoolscan.rescan import print_summary, rescan
+    from spoolscan.rescan import print_summary, rescan, rescan_host
     from spoolscan.runner import build_worker, prepare
     from spoolscan.store.repo import utcnow
 
@@ -142,7 +143,7 @@ def cmd_rescan(args: argparse.Namespace, config: Config) -> int:
         if fingerprint is None:
             print("spoolscan: clamd does not answer; nothing rescanned", file=sys.stderr)
             return EXIT_ERROR
-        if args.if_signatures_changed and not store.needs_rescan(fingerprint):
+        if args.if_signatures_changed and not store.needs_rescan(fingerprint, rescan_host()):
             if not args.quiet:  # from cron: no mail when there is nothing to say
                 print(f"signatures unchanged since the last rescan ({fingerprint}): "
                       "nothing to do")

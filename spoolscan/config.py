@@ -10,6 +10,7 @@ Every error names the key and the file, so an admin can fix it without reading c
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tomllib
@@ -39,6 +40,8 @@ class DatabaseConfig:
 class ClamdConfig:
     socket: str | None = "/var/run/clamav/clamd.ctl"
     address: str | None = None  # "host:port"; when set, used instead of socket
+    # A pool: socket paths and "host:port" entries; when set, used instead of both.
+    servers: tuple[str, ...] = ()
     timeout: float = 30.0  # seconds, per scan
     concurrency: int = 4  # scans in flight
     # Where clamd keeps its signatures.  Only used to fingerprint custom databases that
@@ -50,7 +53,20 @@ class ClamdConfig:
     @property
     def endpoint(self) -> str:
         """Human-readable description of where clamd is reached."""
+        if self.servers:
+            return "pool " + ", ".join(_endpoint(s) for s in self.servers)
         return f"tcp:{self.address}" if self.address else f"unix:{self.socket}"
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The clamd servers: ``servers``, else the one of ``address`` or ``socket``."""
+        if self.servers:
+            return self.servers
+        return (self.address,) if self.address else (self.socket or "",)
+
+
+def _endpoint(server: str) -> str:
+    return f"unix:{server}" if server.startswith("/") else f"tcp:{server}"
 
 
 @dataclass(frozen=True)
@@ -78,6 +94,19 @@ class SourceConfig:
     paths: tuple[str, ...] = ()  # maildir: globs of Maildir roots
     quarantine: str = "store"  # maildir: store (the admin-only store) | folder (.Quarantine)
     sweep_interval: float = 30.0  # seconds between full sweeps (missed events, backlog)
+    # maildir on a network store: no inotify (it sees only this host's changes), sweeps only
+    sweep_only: bool = False
+    # maildir: (k, n) = this host takes the k-th of n shares of the mailboxes, by a stable
+    # hash of the mailbox path ("2/4"); None: all of them
+    shard: tuple[int, int] | None = None
+
+    def in_shard(self, root: str) -> bool:
+        """Whether the mailbox at ``root`` is in this host's share."""
+        if self.shard is None:
+            return True
+        k, n = self.shard
+        digest = hashlib.sha256(root.rstrip("/").encode("utf-8", "surrogateescape"))
+        return int.from_bytes(digest.digest()[:8], "big") % n == k - 1
 
 
 @dataclass(frozen=True)
@@ -85,6 +114,9 @@ class ScheduleConfig:
     signature_check: str = "*/10 * * * *"
     nightly_rescan: str = "30 2 * * *"
     rescan_window: float = 7 * 86400.0  # seconds
+    # PostgreSQL: how long a host's claim on a batch of rescan contents lasts; a host that
+    # dies holding one loses it after this long and another host takes it over.
+    rescan_lease: float = 300.0  # seconds
     purge: str = "15 3 * * *"
 
 
@@ -297,6 +329,23 @@ def _address(v: object) -> str | None:
     return s
 
 
+def _servers(v: object) -> tuple[str, ...]:
+    servers = _string_list(v)
+    for server in servers:
+        if not server.startswith("/"):
+            _address(server)
+    if not servers or len(set(servers)) != len(servers):
+        raise ValueError(v)
+    return servers
+
+
+def _shard(v: object) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", v if isinstance(v, str) else "")
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise ValueError(v)
+    return int(m.group(1)), int(m.group(2))
+
+
 def _bool(v: object) -> bool:
     if not isinstance(v, bool):
         raise ValueError(v)
@@ -343,6 +392,8 @@ def parse_config(data: Mapping[str, Any], where: str = "built-in defaults") -> C
     clamd = ClamdConfig(
         socket=s.get("socket", ClamdConfig.socket, _optional_string, "a socket path"),
         address=s.get("address", None, _address, "'host:port'"),
+        servers=s.get("servers", (), _servers, "a list of distinct socket paths (absolute) "
+                      "and 'host:port' addresses"),
         timeout=s.get("timeout", ClamdConfig.timeout, parse_duration,
                       "a duration such as '30s' (a bare number is seconds)"),
         concurrency=s.get("concurrency", ClamdConfig.concurrency, _positive_int,
@@ -352,7 +403,10 @@ def parse_config(data: Mapping[str, Any], where: str = "built-in defaults") -> C
         config_file=s.get("config_file", ClamdConfig.config_file, _string, "a file path"),
     )
     s.finish()
-    if not clamd.socket and not clamd.address:
+    if clamd.servers and ("socket" in s.data or "address" in s.data):
+        raise ConfigError(f"[clamd] servers replaces socket and address: set one of them "
+                          f"in {where}")
+    if not clamd.socket and not clamd.address and not clamd.servers:
         raise ConfigError(f"[clamd] needs socket or address in {where}")
 
     s = _Section("quarantine", _table(data, "quarantine", where), where)
@@ -398,12 +452,17 @@ def parse_config(data: Mapping[str, Any], where: str = "built-in defaults") -> C
             quarantine=s.choice("quarantine", "store", MAILDIR_QUARANTINE_MODES),
             sweep_interval=s.get("sweep_interval", SourceConfig.sweep_interval, parse_duration,
                                  "a duration such as '30s'"),
+            sweep_only=s.get("sweep_only", False, _bool, "true or false"),
+            shard=s.get("shard", None, _shard, "'k/n' with 1 <= k <= n, such as '2/4'"),
         )
         s.finish()
         if not kind:
             raise s.fail("type", "is required (one of " + ", ".join(SOURCE_TYPES) + ")")
         if kind == "maildir" and not src.paths:
             raise s.fail("paths", "is required for a maildir source")
+        if kind != "maildir" and (src.sweep_only or src.shard is not None):
+            raise s.fail("sweep_only" if src.sweep_only else "shard",
+                         "is only for a maildir source")
         if any(o.name == name for o in sources):
             raise ConfigError(f"two sources named {name!r} in {where}")
         sources.append(src)
@@ -417,6 +476,8 @@ def parse_config(data: Mapping[str, Any], where: str = "built-in defaults") -> C
         rescan_window=s.get("rescan_window", ScheduleConfig.rescan_window, parse_duration,
                             "a duration such as '7d'"),
         purge=s.get("purge", ScheduleConfig.purge, check_cron, "a five-field cron expression"),
+        rescan_lease=s.get("rescan_lease", ScheduleConfig.rescan_lease, parse_duration,
+                           "a duration such as '5m'"),
     )
     s.finish()
 
@@ -493,12 +554,13 @@ def load_config(path: str | os.PathLike[str] | None = None,
     if url := env.get("SPOOLSCAN_DATABASE_URL"):
         config = replace(config, database=DatabaseConfig(url=url))
     if sock := env.get("SPOOLSCAN_CLAMD_SOCKET"):
-        config = replace(config, clamd=replace(config.clamd, socket=sock, address=None))
+        config = replace(config, clamd=replace(config.clamd, socket=sock, address=None,
+                                               servers=()))
     elif addr := env.get("SPOOLSCAN_CLAMD_ADDRESS"):
         try:
             _address(addr)
         except ValueError:
             raise ConfigError(
                 f"$SPOOLSCAN_CLAMD_ADDRESS must be 'host:port', got {addr!r}") from None
-        config = replace(config, clamd=replace(config.clamd, address=addr))
+        config = replace(config, clamd=replace(config.clamd, address=addr, servers=()))
     return config

@@ -11,6 +11,15 @@ out exactly those, and only where they are safe to leave out:
 * only when the field value is a single address (``<user@example.org>``, ``<>``,
   ``user@example.org``): arbitrary text that a signature could match is always hashed.
 
+One more field is hashed in part: the ``Received:`` field Postfix adds when it takes the
+message in (the first field after those trace fields, in a held queue file and in the copies
+delivered from it), when it has exactly Postfix's form.  Its ``from`` part (the client's
+HELO name, reverse name, address, TLS details: what the sender controls) is hashed; the
+parts that are this host's (``by <host> (Postfix)``, ``with <protocol>``, ``id <queue
+ID>``, ``for <one address>``, the date), from a strict character set, are not.  So the
+same mail taking two MX hosts (or two transactions) has one hash, and one scan serves it
+on every host.
+
 Everything else (every other header, every MIME header, the body) is hashed, so any change
 that could change what clamd finds changes the hash.  The size returned is the size of the
 whole content.
@@ -36,6 +45,12 @@ _TRACE_NAMES: Final = frozenset({b"return-path", b"delivered-to", b"x-original-t
 # A single address: optional angle brackets, no spaces, at most 320 octets (RFC 5321 limits).
 _ADDRESS_VALUE: Final = re.compile(rb"[ \t]*(<[^<>\s]{0,320}>|[^<>\s@]{1,64}@[^<>\s@]{1,255})"
                                    rb"[ \t]*\r?\n")
+# Postfix's own Received: field, unfolded (see the module docstring).
+_OWN_RECEIVED: Final = re.compile(
+    rb"(?P<from>from [^;]*?)?\s*by [A-Za-z0-9.-]{1,255} \(Postfix(?:, from userid \d{1,10})?\)"
+    rb"(?: with [A-Za-z0-9]{1,16})? id [0-9A-Za-z]{1,32}(?: for <[^<>\s]{0,320}>)?;"
+    rb" [A-Za-z0-9 ,:+()-]{0,64}")
+_FOLD: Final = re.compile(rb"\r?\n[ \t]")
 _HEAD_LIMIT: Final = 64 * 1024  # trace headers are short; stop looking after this much
 CHUNK: Final = 256 * 1024
 HEADER_VALUE_LIMIT: Final = 1000  # characters kept of each header value (after decoding)
@@ -86,6 +101,26 @@ def _strip_leading_trace_headers(head: bytes) -> int:
         if end < len(head) and head[end:end + 1] in (b" ", b"\t"):
             return pos  # folded value: not a single address, keep it in the hash
         pos = end
+
+
+def _own_received(head: bytes, pos: int) -> tuple[int, bytes] | None:
+    """If the field at ``pos`` is Postfix's own ``Received:``: where it ends, and what of
+    it is hashed (its ``from`` part)."""
+    if head[pos:pos + 9].lower() != b"received:":
+        return None
+    end = pos
+    while True:  # the field: its line and the folded lines after it
+        nl = head.find(b"\n", end)
+        if nl < 0:
+            return None
+        end = nl + 1
+        if head[end:end + 1] not in (b" ", b"\t"):
+            break
+    value = _FOLD.sub(b" ", head[pos + 9:end]).strip(b" \t\r\n")
+    m = _OWN_RECEIVED.fullmatch(value)
+    if m is None:
+        return None
+    return end, b"Received: " + (m.group("from") or b"").strip(b" \t") + b" by (Postfix)\n"
 
 
 def decode_value(raw: bytes) -> str:
@@ -164,7 +199,12 @@ def content_hash(stream: BinaryIO) -> Digest:
     digest = hashlib.sha256()
     head = _read_head(stream)
     size = len(head)
-    digest.update(memoryview(head)[_strip_leading_trace_headers(head):])
+    start = _strip_leading_trace_headers(head)
+    own = _own_received(head, start)
+    if own is not None:
+        digest.update(own[1])
+        start = own[0]
+    digest.update(memoryview(head)[start:])
     while chunk := stream.read(CHUNK):
         size += len(chunk)
         digest.update(chunk)

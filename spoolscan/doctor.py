@@ -87,11 +87,21 @@ def check_privileges(config: Config) -> str:
 
 
 def check_clamd(config: Config) -> str:
-    from spoolscan.clamd import ClamdClient, ClamdError
+    from spoolscan.clamd import ClamdError
+    from spoolscan.clamdpool import ClamdPool, client_for
 
+    client = client_for(config.clamd)
     try:
-        return (f"clamd answers at {config.clamd.endpoint}: "
-                f"{ClamdClient(config.clamd).fingerprint()}")
+        fingerprint = client.fingerprint()
+        if isinstance(client, ClamdPool):
+            states = client.states()
+            text = ", ".join(f"{name} {state}" for name, state, _ in states)
+            if any(state != "up" for _, state, _ in states):
+                raise Problem(f"clamd pool: {text} (pool signatures {fingerprint})",
+                              "start the servers that are down; update the signatures of "
+                              "those behind (they get no scans until they catch up)")
+            return f"clamd pool answers: {text}: {fingerprint}"
+        return f"clamd answers at {config.clamd.endpoint}: {fingerprint}"
     except ClamdError as exc:
         raise Problem(str(exc), "is clamav-daemon running? check [clamd] socket/address and "
                                 "that spoolscan's user may use the socket") from None
@@ -126,10 +136,11 @@ def check_clamd_conf(config: Config) -> Iterator[Finding]:
 
 def check_fingerprint(config: Config) -> str:
     """Retroactive detection needs a fingerprint that changes when the signatures do."""
-    from spoolscan.clamd import ClamdClient, ClamdError
+    from spoolscan.clamd import ClamdError
+    from spoolscan.clamdpool import client_for
 
     try:
-        version = ClamdClient(config.clamd).version()
+        version = client_for(config.clamd).version()
     except ClamdError:
         return "clamd does not answer: the fingerprint is checked once it does"
     if "/" in version:
@@ -183,7 +194,29 @@ def check_quarantine(config: Config) -> str:
     return f"quarantine directory {directory} exists, mode 0700"
 
 
-def check_maildir_source(src: SourceConfig) -> str:
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs",
+                                 "fuse.glusterfs", "fuse.sshfs", "9p", "afs", "lustre"})
+
+
+def filesystem_type(path: str, mounts: str = "/proc/mounts") -> str | None:
+    """The type of the filesystem ``path`` is on (the longest mount point above it)."""
+    best, kind = "", None
+    try:
+        with open(mounts) as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        return None
+    return kind
+
+
+def check_maildir_source(src: SourceConfig, config: Config | None = None) -> str:
     from spoolscan.broker import Broker
 
     roots, refused = Broker().mailbox_roots(src.paths)
@@ -192,8 +225,24 @@ def check_maildir_source(src: SourceConfig) -> str:
                       + (f" ({len(refused)} refused: {refused[0]})" if refused else ""),
                       "check the globs in paths (each must end at a directory with cur/ "
                       "and new/)")
+    mine = [r for r in roots if src.in_shard(r)]
+    network = sorted({kind for r in roots[:50]
+                      if (kind := filesystem_type(r)) in NETWORK_FILESYSTEMS})
+    if network and not src.sweep_only:
+        raise Problem(f"source {src.name}: mailboxes on a network filesystem "
+                      f"({', '.join(network)}): inotify sees only this host's own changes",
+                      "set sweep_only = true (and a shard per host) for this source", WARN)
+    if (src.shard is not None and config is not None
+            and not config.database.url.startswith("postgresql")):
+        raise Problem(f"source {src.name}: shard {src.shard[0]}/{src.shard[1]} with a "
+                      "database of this host only: the other shares' hosts do not share "
+                      "verdicts or rescans with it",
+                      "use one PostgreSQL database for all the hosts", WARN)
+    shard = (f", {len(mine)} in shard {src.shard[0]}/{src.shard[1]}"
+             if src.shard is not None else "")
     return (f"source {src.name}: {len(roots)} Maildir root(s) match {list(src.paths)}"
-            + (f", {len(refused)} refused" if refused else ""))
+            + shard + (f", {len(refused)} refused" if refused else "")
+            + (", sweeps only" if src.sweep_only else ""))
 
 
 def check_hold_source(src: SourceConfig) -> Iterator[Finding]:
@@ -291,7 +340,8 @@ def findings(config: Config) -> list[Finding]:
             out.extend(check_clamd_conf(config))
     for src in config.sources:
         if src.type == "maildir":
-            out.append(_run(f"source {src.name}", functools.partial(check_maildir_source, src)))
+            out.append(_run(f"source {src.name}",
+                            functools.partial(check_maildir_source, src, config)))
         else:
             out.extend(check_hold_source(src))
     return out

@@ -38,7 +38,8 @@ EXTRA_SECTIONS = {
                                          "notifications (Type=notify)"),
     ],
     "SEE ALSO": [("", "postsuper(1), postqueue(1), clamd(8), clamdscan(1); docs/operations.md, "
-                      "docs/security.md and docs/schema.md in the source distribution")],
+                      "docs/security.md, docs/schema.md and docs/scaling.md (many hosts) in the "
+                      "source distribution")],
 }
 
 

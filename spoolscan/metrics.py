@@ -71,6 +71,18 @@ class _Gauges(Collector):
                      [((), w.in_pipeline())])
         yield _gauge("spoolscan_clamd_up", "1 if clamd answered the last time it was asked",
                      [((), 0 if w.service.fingerprints.failing else 1)])
+        states = getattr(w.service.client, "states", None)
+        if states is not None:  # a pool of clamd servers
+            pool = states()
+            yield _gauge("spoolscan_clamd_server_up", "Per clamd server of the pool: 1 if "
+                         "it gets scans (state up), 0 if down or its signatures differ "
+                         "from the pool's (behind, differs)",
+                         [((name, state), 1 if state == "up" else 0)
+                          for name, state, _ in pool], ["server", "state"])
+            yield _gauge("spoolscan_clamd_refused_scans", "Scans not sent to a clamd "
+                         "server because its signatures differ from the pool's (since "
+                         "start)", [((name,), refused) for name, _, refused in pool],
+                         ["server"])
         backlog, oldest = [], []
         for name, source in w.sources.items():
             try:

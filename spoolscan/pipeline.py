@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from spoolscan.backoff import after_failure
-from spoolscan.clamd import ClamdClient
+from spoolscan.clamdpool import Scanner
 from spoolscan.config import Config
 from spoolscan.model import (
     Action,
@@ -138,7 +138,7 @@ def log_line(p: Pending, record: ActionRecord | None) -> str:
 class Worker:
     """Runs the pipeline for a set of sources.  See the module docstring."""
 
-    def __init__(self, config: Config, store: Store, client: ClamdClient,
+    def __init__(self, config: Config, store: Store, client: Scanner,
                  sources: Iterable[Source], metrics: Metrics | None = None,
                  notifier: Notifier | None = None) -> None:
         self.config = config
@@ -529,7 +529,7 @@ class Worker:
         self.wait_idle()
         self.stop()
 
-    def reconfigure(self, config: Config, client: ClamdClient,
+    def reconfigure(self, config: Config, client: Scanner,
                     sources: Iterable[Source]) -> None:
         """Switch to a new configuration (SIGHUP) without dropping work: sources that
         are new or changed start watching (and are swept at the next turn of

@@ -7,11 +7,22 @@ the messages seen within the rescan window that have no definite verdict under t
 store.  Copies of one content cost one clamd scan (the cache answers the others).  A
 rescan is resumable: a message finished under the fingerprint is not a candidate any
 more, so an interrupted rescan restarted later does only what is left.
+
+*Several hosts* (PostgreSQL): each host rescans only its own mail (``Source.owns``), and
+the distinct contents are split between them: a host claims the contents of a batch of
+its candidates in ``rescan_claims`` (``SELECT ... FOR UPDATE SKIP LOCKED``, a lease of
+``[schedule] rescan_lease``), scans one copy of each content it got, and marks them done;
+contents another host holds are waited for (their verdicts then come from the shared
+cache) or, once that host's lease has expired (it died), claimed and scanned here.  So N
+hosts rescanning after an update scan each distinct content once between them.  SQLite
+(one host) does without claims.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -72,7 +83,10 @@ def rescan(worker: Worker, *, since: datetime | None, source: str | None = None,
         bar.offset = -before.get("scanned", 0)
 
     contents: set[str] = set()
-    summary.candidates = _feed(worker, since, source, fingerprint, summary, contents, bar)
+    if store.shared:
+        summary.candidates = _feed_claimed(worker, since, source, fingerprint, summary, bar)
+    else:
+        summary.candidates = _feed(worker, since, source, fingerprint, summary, contents, bar)
     copies = store.record_clean_copies(fingerprint, since, source)
     contents.clear()
     if bar is not None:
@@ -92,7 +106,7 @@ def rescan(worker: Worker, *, since: datetime | None, source: str | None = None,
                       + delta.get("database_errors", 0))
     summary.elapsed = time.monotonic() - started
     if summary.errors == 0:
-        store.mark_rescanned(fingerprint)
+        store.mark_rescanned(fingerprint, rescan_host())
     log.info(summary.line())
     return summary
 
@@ -108,8 +122,9 @@ def _feed(worker: Worker, since: datetime | None, source: str | None, fingerprin
         gone: list[int] = []
         for row in rows:
             src = worker.sources.get(row["source"])
-            if src is None:
-                continue  # a source no longer configured (or `spoolscan scan` results)
+            if src is None or not src.owns(row):
+                continue  # a source no longer configured (or `spoolscan scan` results),
+                # or another host's mail
             seen += 1
             digest = row["content_hash"]
             if first_of_content is not None:
@@ -134,10 +149,65 @@ def _feed(worker: Worker, since: datetime | None, source: str | None, fingerprin
     return seen
 
 
+def rescan_host() -> str:
+    """This host's name, for "has this host rescanned its mail?" on a shared store."""
+    return socket.gethostname()
+
+
+def _feed_claimed(worker: Worker, since: datetime | None, source: str | None,
+                  fingerprint: str, summary: RescanSummary, bar: ProgressBar | None) -> int:
+    """The first pass on a shared store: one copy of each content this host holds the
+    claim for goes through the worker; rounds repeat until every content of this host's
+    candidates is done (here or by another host).  Returns this host's candidates."""
+    store = worker.store
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    lease = worker.config.schedule.rescan_lease
+    candidates = 0
+    first_round = True
+    while True:
+        waiting = 0
+        for rows in store.rescan_candidates(since, fingerprint, source):
+            mine: dict[str, dict] = {}  # content hash -> the first copy of it here
+            for row in rows:
+                src = worker.sources.get(row["source"])
+                if src is None or not src.owns(row):
+                    continue
+                candidates += first_round
+                if row["content_hash"] and row["size"] is not None:
+                    mine.setdefault(row["content_hash"], row)
+            if not mine:
+                continue
+            got = store.claim_rescan(fingerprint, list(mine), holder, lease)
+            gone: list[str] = []
+            for digest in got:
+                row = mine[digest]
+                job = worker.sources[row["source"]].job_for(row, Trigger.RESCAN)
+                if job is None:
+                    gone.append(digest)
+                    continue
+                job.known_content = (digest, row["size"])
+                worker.submit(job)
+                if bar is not None:
+                    bar.update(worker.stats["scanned"], f"{worker.stats['infected']} infected")
+            if gone:
+                store.set_state([mine[d]["id"] for d in gone], GONE,
+                                "no longer present (found by a rescan)")
+                summary.gone += len(gone)
+            worker.wait_idle(settle=0.0)
+            store.finish_rescan_claims(fingerprint, [d for d in got if d not in gone], gone)
+            waiting += store.open_rescan_claims(
+                fingerprint, [d for d in mine if d not in got or d in gone])
+        first_round = False
+        if not waiting:
+            return candidates
+        log.debug("rescan: %d contents held by other hosts; waiting", waiting)
+        time.sleep(min(1.0, lease / 4))
+
+
 def check_signatures(worker: Worker, window: timedelta) -> RescanSummary | None:
     """If clamd's signatures changed since the last completed rescan, rescan the window."""
     fingerprint = worker.service.fingerprints.refresh()
-    if fingerprint is None or not worker.store.needs_rescan(fingerprint):
+    if fingerprint is None or not worker.store.needs_rescan(fingerprint, rescan_host()):
         return None
     log.info("signatures changed (%s): rescanning mail of the last %s", fingerprint, window)
     return rescan(worker, since=utcnow() - window)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from spoolscan.broker import Broker
-from spoolscan.clamd import ClamdClient
+from spoolscan.clamdpool import Scanner, client_for
 from spoolscan.config import Config, ConfigError, load_config
 from spoolscan.logs import NOTICE
 from spoolscan.notify_systemd import SystemdNotifier
@@ -48,8 +48,8 @@ def build_notifier(config: Config, store: Store) -> Notifier | None:
                     config.policy.max_attempts)
 
 
-def build_client(config: Config) -> ClamdClient:
-    return ClamdClient(config.clamd, max_size=config.policy.max_size)
+def build_client(config: Config) -> Scanner:
+    return client_for(config.clamd, max_size=config.policy.max_size)
 
 
 def build_sources(config: Config, store: Store, broker: Broker,

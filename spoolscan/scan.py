@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, BinaryIO
 
 from spoolscan import fsutil
-from spoolscan.clamd import ClamdClient, ClamdError
+from spoolscan.clamd import ClamdError
+from spoolscan.clamdpool import Scanner
 from spoolscan.content import Headers, content_hash, read_headers
 from spoolscan.model import (
     ContentUnavailable,
@@ -46,7 +48,7 @@ MAX_SNAPSHOT = 1 << 40  # bytes copied when no max_size is configured (never in 
 class FingerprintWatch:
     """The current signature fingerprint, asked of clamd at most every ``ttl`` seconds."""
 
-    def __init__(self, client: ClamdClient, store: Store | None, ttl: float = 10.0) -> None:
+    def __init__(self, client: Scanner, store: Store | None, ttl: float = 10.0) -> None:
         self.client = client
         self.store = store
         self.ttl = ttl
@@ -95,8 +97,10 @@ class VerdictCache:
     """(content hash, fingerprint) → definite verdict: in memory (LRU), then the store.
 
     When a fingerprint is first used, the verdicts already stored under it are loaded
-    (up to ``size``); if that was all of them, a miss in memory is a miss, and the
-    database is not asked again for each new message.
+    (up to ``size``); if that was all of them and the store is this host's own (SQLite),
+    a miss in memory is a miss, and the database is not asked again for each new
+    message.  A PostgreSQL store may be shared by several hosts, whose verdicts arrive
+    at any time: there a miss in memory asks the store (one indexed lookup).
 
     Also coordinates scans in flight, so that copies of a message scanned at once cost
     one clamd scan.
@@ -111,6 +115,8 @@ class VerdictCache:
         self._inflight: dict[tuple[str, str], Future[ScanResult]] = {}
         self._warmed: set[str] = set()
         self._complete: str | None = None  # the fingerprint whose verdicts are all here
+        # Other hosts may add verdicts to a shared (server) database at any time.
+        self.shared = store is not None and store.engine.dialect.name != "sqlite"
 
     def warm(self, fingerprint: str) -> None:
         """Load the stored verdicts for ``fingerprint`` (once per fingerprint)."""
@@ -123,7 +129,7 @@ class VerdictCache:
             for content_hash, verdict, signature in rows:
                 self._lru[(content_hash, fingerprint)] = (Verdict(verdict), signature)
             self._trim()
-            if len(rows) < self.size:
+            if len(rows) < self.size and not self.shared:
                 self._complete = fingerprint
 
     def get(self, key: tuple[str, str]) -> ScanResult | None:
@@ -183,7 +189,7 @@ class VerdictCache:
 class ScanService:
     """Scans one job at a time per calling thread; share one instance between threads."""
 
-    client: ClamdClient
+    client: Scanner
     store: Store | None
     use_cache: bool = True
     snapshot_dir: str | None = None  # where private copies of shared files go
@@ -261,13 +267,59 @@ class ScanService:
                 if other.is_final:
                     return Outcome(job, info, replace(other, duration_ms=0), cached=True)
                 key = None  # the other scan failed: scan this copy ourselves
+        remote = None
+        if key is not None and self.cache.shared:
+            # Another host may be scanning the same content right now: wait for its
+            # verdict rather than scanning it a second time.
+            theirs, remote = self._other_host(key)
+            if theirs is not None:
+                self.cache.release(key, theirs)
+                return Outcome(job, info, replace(theirs, duration_ms=0), cached=True)
         result = ScanResult(Verdict.ERROR, detail="not scanned", fingerprint=fingerprint)
         try:
             result = replace(self._scan_content(opened, size), fingerprint=fingerprint)
         finally:
             if key is not None:
                 self.cache.release(key, result)
+            if remote is not None and not result.is_final:
+                self._give_back(key, remote)
         return Outcome(job, info, result)
+
+    def _other_host(self, key: tuple[str, str]) -> tuple[ScanResult | None, str | None]:
+        """On a shared store: (another host's verdict for ``key``, None) if one came while
+        we waited for it; else (None, our claim's holder) and this host scans.  A host
+        holding a claim has until its lease (twice the scan timeout) to commit a verdict;
+        a store that cannot be asked means: scan here."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        assert self.store is not None
+        holder = f"{socket.gethostname()}:{os.getpid()}"
+        lease = self.client.config.timeout * 2
+        deadline = time.monotonic() + lease + 1
+        try:
+            while True:
+                if self.store.claim_scan(key[1], key[0], holder, lease):
+                    return None, holder
+                row = self.store.cached_verdict(*key)
+                if row is not None:
+                    return ScanResult(Verdict(row.verdict), signature=row.signature,
+                                      fingerprint=key[1]), None
+                if time.monotonic() > deadline:
+                    return None, None
+                time.sleep(0.05)
+        except SQLAlchemyError as exc:
+            log.debug("scan claims not available (%s): scanning here", exc)
+            return None, None
+
+    def _give_back(self, key: tuple[str, str] | None, holder: str) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if key is None or self.store is None:
+            return
+        try:
+            self.store.release_scan(key[1], key[0], holder)
+        except SQLAlchemyError as exc:
+            log.debug("scan claim not given back (%s): it lapses", exc)
 
     def _scan_content(self, opened: Opened, size: int) -> ScanResult:
         if opened.fd is not None:

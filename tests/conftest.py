@@ -90,7 +90,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     engine = create_engine_for(url)
     with engine.begin() as conn:
         conn.execute(text("TRUNCATE actions, scans, message_recipients, messages, "
-                          "fingerprints RESTART IDENTITY CASCADE"))
+                          "fingerprints, rescan_claims, host_rescans, scan_claims "
+                          "RESTART IDENTITY CASCADE"))
     engine.dispose()
     return url
 

@@ -284,3 +284,41 @@ def test_a_reply_trickled_byte_by_byte_is_cut_at_the_deadline(tmp_path):
         assert elapsed < 1.5  # one deadline for the whole scan, not one per byte
     finally:
         server.close()
+
+
+def test_fingerprint_is_content_based_equal_across_directories(tmp_path):
+    """Two hosts with the same signatures (other names, mtimes, inodes) share it."""
+    import os
+
+    from spoolscan.clamd import content_fingerprint
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "local.ndb").write_text("Local.Sig:0:*:6c6f63616c\n")
+    (b / "other-name.ndb").write_text("Local.Sig:0:*:6c6f63616c\n")
+    os.utime(b / "other-name.ndb", (1, 1))
+    custom = "ClamAV 1.4.6"
+    assert content_fingerprint(custom, str(a)) == content_fingerprint(custom, str(b))
+    # The daily number names the official part; engine and clamd's time zone do not count.
+    one = content_fingerprint("ClamAV 1.4.6/27001/Fri Nov 27 20:36:49 2026", str(a))
+    two = content_fingerprint("ClamAV 1.4.5/27001/Fri Nov 27 21:36:49 2026", str(b))
+    assert one == two and "/27001/" in one and "+db:" in one
+    (b / "daily.cud").write_bytes(b"not digested: the number says it")
+    assert content_fingerprint("ClamAV 1.4.6/27001/x", str(b)) == one
+    (b / "other-name.ndb").write_text("Local.Sig:0:*:6c6f63616d\n")
+    assert content_fingerprint(custom, str(a)) != content_fingerprint(custom, str(b))
+
+
+def test_fingerprint_digests_are_cached_by_file_identity(tmp_path, monkeypatch):
+    import builtins
+
+    from spoolscan.clamd import database_digest
+
+    (tmp_path / "x.hdb").write_text("aa15bcf478d165efd2065190eb473bcb:544:X\n")
+    first = database_digest(str(tmp_path))
+    opened: list[str] = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open",
+                        lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    assert database_digest(str(tmp_path)) == first and opened == []

@@ -146,3 +146,31 @@ def test_no_header_section_gives_no_values():
     assert headers(b"") == Headers()
     assert headers(b"\nSubject: in the body\n") == Headers()
     assert headers(b"just text without a colon\n") == Headers()
+
+
+def _received(host: str, qid: str, rcpt: str, date: str,
+              client: str = "from client.example (localhost [127.0.0.1])") -> bytes:
+    return (f"Received: {client}\n\tby {host} (Postfix) with ESMTP id {qid}\n"
+            f"\tfor <{rcpt}>; {date}\n").encode()
+
+
+def test_postfix_own_received_field_hashes_without_its_host_parts():
+    from spoolscan.content import content_hash
+
+    body = b"Subject: s\nFrom: a@example.net\n\nsame\n"
+    one = _received("mx1.example.org", "4AbC12", "a@example.org",
+                    "Wed,  2 Dec 2026 02:00:00 +0000 (UTC)") + body
+    two = _received("mx2.example.org", "9ZZZ3", "b@example.org",
+                    "Wed,  2 Dec 2026 02:00:07 +0000 (UTC)") + body
+    delivered = b"Return-Path: <a@example.net>\nDelivered-To: b@example.org\n" + two
+    h = [content_hash(io.BytesIO(x)).sha256 for x in (one, two, delivered)]
+    assert h[0] == h[1] == h[2]
+    # The client's part (HELO, address) counts; so does any other Received field.
+    other = _received("mx1.example.org", "4AbC12", "a@example.org", "Wed, 2 Dec 2026",
+                      client="from evil.example (evil [192.0.2.1])") + body
+    assert content_hash(io.BytesIO(other)).sha256 != h[0]
+    assert content_hash(io.BytesIO(body)).sha256 != h[0]
+    not_postfix = one.replace(b"(Postfix)", b"(Exim)")
+    assert content_hash(io.BytesIO(not_postfix)).sha256 != h[0]
+    odd = _received("mx1.example.org", "4AbC12", "a@example.org", "X5O!P%@AP[4\\PZX54(P^)") + body
+    assert content_hash(io.BytesIO(odd)).sha256 != h[0]  # odd date characters: all hashed

@@ -328,6 +328,11 @@ class Source(ABC):
                                     "identity": s.identity, "updated_at": None}
         return rows
 
+    def owns(self, row: dict) -> bool:
+        """Whether a stored message of this source is this host's to look at and act on
+        (several hosts may share one store, each with sources of the same name)."""
+        return True
+
     def job_for(self, row: dict, trigger: Trigger) -> Job | None:
         """A job to rescan a stored message, or None if it is no longer there."""
         sighting = self.locate(row)
@@ -339,7 +344,7 @@ class Source(ABC):
         others as gone.  Only rows last touched before the listing began are judged, and
         each is looked for once more.  Returns how many were marked gone."""
         missing = [r for r in self.store.open_messages(self.name)
-                   if hash(r["identity"]) not in present
+                   if hash(r["identity"]) not in present and self.owns(r)
                    and (as_utc(r["updated_at"]) or started) < started
                    and not self.handed.under_way(r)]
         missing = [r for r in missing if self.locate(r) is None]

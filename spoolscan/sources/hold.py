@@ -166,6 +166,11 @@ class HoldSource(Source):
             location=qid, queue_id=qid, host=self.host,
         )
 
+    def owns(self, row: dict) -> bool:
+        """Held mail is this host's only if it was held here (its myhostname; a row
+        without a host is taken as this host's, as before hosts shared a store)."""
+        return row.get("host") in (None, self.host)
+
     def examine(self, entry: HoldEntry | str) -> Sighting | None:
         """The sighting of a ready held file (None: not ready, gone or not ours).
         ``entry``: as listed, or only its name (then the open file says whether it is

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import logging
 import os
 import threading
@@ -112,6 +113,8 @@ class MaildirSource(Source):
         roots, refused = self.broker.mailbox_roots(self.src.paths)
         for reason in refused:
             self.reporter.once(f"root:{reason}", f"{self.name}: {reason}")
+        if self.src.shard is not None:
+            roots = [r for r in roots if self.src.in_shard(r)]
         self._known_roots = roots
         return roots
 
@@ -120,6 +123,17 @@ class MaildirSource(Source):
             if path.startswith(root + "/"):
                 return root
         return None
+
+    def owns(self, row: dict) -> bool:
+        """A stored message is this host's if its mailbox matches this source's globs and
+        is in this host's shard (other hosts of one store have other mailboxes)."""
+        folder_path = row["identity"].rpartition("/")[0]
+        if folder_path.endswith(("/new", "/cur")):  # <folder>/<sub>/<name> (two files)
+            folder_path = folder_path[:-4]
+        head, _, last = folder_path.rpartition("/")
+        root = head if is_folder_name(last) else folder_path
+        return (any(fnmatch.fnmatchcase(root, pattern) for pattern in self.src.paths)
+                and self.src.in_shard(root))
 
     def _listing(self, root: str) -> MailboxListing | None:
         try:
@@ -247,6 +261,14 @@ class MaildirSource(Source):
     def start(self, submit: Submit) -> None:
         """Watch every mailbox; submit a job for each message that arrives."""
         self.handed.clear()
+        if self.src.sweep_only:
+            # A network store: inotify sees only this host's own changes.  The sweeps
+            # (every sweep_interval) find everything.
+            log.info("%s: sweeps only, every %gs, of the mailboxes matching %s%s", self.name,
+                     self.src.sweep_interval, ", ".join(self.src.paths),
+                     f" (shard {self.src.shard[0]}/{self.src.shard[1]})"
+                     if self.src.shard else "")
+            return
         self._watch_in_background(self._watch_loop, submit)
         roots = self.roots()
         for root in roots:

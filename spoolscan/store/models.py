@@ -212,3 +212,42 @@ class Notice(Base):
     # hourly limit: counted in the next digest)
     status: Mapped[str] = mapped_column(String(16))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class RescanClaim(Base):
+    """A content some host's rescan under ``fingerprint`` needs: claimed by one host at a
+    time for a lease (``FOR UPDATE SKIP LOCKED``), done once it has been scanned."""
+
+    __tablename__ = "rescan_claims"
+    __table_args__ = (Index("ix_rescan_claims_created_at", "created_at"),)
+
+    fingerprint: Mapped[str] = mapped_column(String(255), primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(Text)  # host:pid of the claiming rescan
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class HostRescan(Base):
+    """A host completed a rescan of its own mail under ``fingerprint`` (shared stores)."""
+
+    __tablename__ = "host_rescans"
+
+    fingerprint: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(Text, primary_key=True)
+    rescanned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ScanClaim(Base):
+    """A host is scanning a content new to the store under ``fingerprint`` (arrivals on a
+    shared store): others wait for its verdict until ``lease_until``."""
+
+    __tablename__ = "scan_claims"
+    __table_args__ = (Index("ix_scan_claims_created_at", "created_at"),)
+
+    fingerprint: Mapped[str] = mapped_column(String(255), primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(Text)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

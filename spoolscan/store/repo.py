@@ -29,6 +29,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -40,10 +41,13 @@ from spoolscan.store.db import check_schema, create_engine_for
 from spoolscan.store.models import (
     Action,
     Fingerprint,
+    HostRescan,
     Message,
     MessageRecipient,
     Release,
+    RescanClaim,
     Scan,
+    ScanClaim,
 )
 from spoolscan.text import escape, unescape
 
@@ -55,6 +59,9 @@ actions = cast(Table, Action.__table__)
 fingerprints = cast(Table, Fingerprint.__table__)
 message_recipients = cast(Table, MessageRecipient.__table__)
 releases = cast(Table, Release.__table__)
+rescan_claims = cast(Table, RescanClaim.__table__)
+host_rescans = cast(Table, HostRescan.__table__)
+scan_claims = cast(Table, ScanClaim.__table__)
 
 # The lifecycle recorded in messages.state (see spoolscan.model.State).
 SEEN, VERDICT, ACTING, DONE = State.SEEN, State.VERDICT, State.ACTING, State.DONE
@@ -261,18 +268,30 @@ class Store:
                              .values(last_seen_at=now))
         return inserted
 
-    def needs_rescan(self, fingerprint: str) -> bool:
-        """True unless a rescan under ``fingerprint`` has completed."""
+    def needs_rescan(self, fingerprint: str, host: str | None = None) -> bool:
+        """True unless a rescan under ``fingerprint`` has completed (on a shared store:
+        a rescan by ``host``, since each host rescans its own mail)."""
         with self.engine.connect() as conn:
-            done = conn.execute(select(fingerprints.c.rescanned_at)
-                                .where(fingerprints.c.fingerprint == fingerprint)).scalar()
+            if self.shared and host is not None:
+                done = conn.execute(select(host_rescans.c.rescanned_at).where(
+                    host_rescans.c.fingerprint == fingerprint,
+                    host_rescans.c.host == host)).scalar()
+            else:
+                done = conn.execute(select(fingerprints.c.rescanned_at)
+                                    .where(fingerprints.c.fingerprint == fingerprint)).scalar()
         return done is None
 
-    def mark_rescanned(self, fingerprint: str) -> None:
+    def mark_rescanned(self, fingerprint: str, host: str | None = None) -> None:
         self.note_fingerprint(fingerprint)
+        now = utcnow()
         with self.engine.begin() as conn:
             conn.execute(update(fingerprints).where(fingerprints.c.fingerprint == fingerprint)
-                         .values(rescanned_at=utcnow()))
+                         .values(rescanned_at=now))
+            if self.shared and host is not None:
+                conn.execute(postgresql.insert(host_rescans).values(
+                    fingerprint=fingerprint, host=host, rescanned_at=now)
+                    .on_conflict_do_update(index_elements=["fingerprint", "host"],
+                                           set_={"rescanned_at": now}))
 
     def fingerprint_first_seen(self, fingerprint: str | None) -> float | None:
         """When ``fingerprint`` was first seen (epoch seconds), None if never."""
@@ -648,7 +667,8 @@ class Store:
         with self.engine.connect() as conn:
             rows = conn.execution_options(yield_per=1000).execute(
                 select(messages.c.id, messages.c.identity, messages.c.location,
-                       messages.c.queue_id, messages.c.state, messages.c.updated_at)
+                       messages.c.queue_id, messages.c.host, messages.c.state,
+                       messages.c.updated_at)
                 .where(messages.c.source == source,
                        messages.c.state.not_in((DONE, GONE, RELEASED))))
             for r in rows:
@@ -717,10 +737,105 @@ class Store:
         columns = ["message_id", "scanned_at", "verdict", "fingerprint", "content_hash", "size",
                    "duration_ms", "trigger", "cached", "previous_verdict", "retroactive"]
         with self.engine.begin() as conn:
+            if self.shared:
+                # Hosts rescanning at once: one at a time here, so that no copy gets two
+                # cached scans (the second statement sees the first one's rows).
+                conn.execute(text("SELECT pg_advisory_xact_lock(7271005)"))
             # Count what RETURNING gives: rowcount is not reliable for INSERT .. SELECT.
             result = conn.execute(insert(scans).from_select(columns, rows)
                                   .returning(scans.c.id))
             return sum(1 for _ in result)
+
+    # --- rescans split across hosts (PostgreSQL) --------------------------------------
+
+    @property
+    def shared(self) -> bool:
+        """True for a server database that several hosts may share (PostgreSQL)."""
+        return self.engine.dialect.name == "postgresql"
+
+    def claim_rescan(self, fingerprint: str, hashes: Sequence[str], holder: str,
+                     lease: float) -> list[str]:
+        """Of ``hashes``, the contents this rescan is now to scan under ``fingerprint``:
+        registered if new, then those neither done nor under another live lease, locked
+        with ``FOR UPDATE SKIP LOCKED`` (what another host is claiming at this moment is
+        skipped, not waited for) and leased to ``holder`` for ``lease`` seconds.  The
+        database's clock decides leases, so hosts' clocks need not agree."""
+        if not hashes:
+            return []
+        now = func.now()
+        with self.engine.begin() as conn:
+            conn.execute(postgresql.insert(rescan_claims).values(
+                [{"fingerprint": fingerprint, "content_hash": h, "created_at": now}
+                 for h in hashes]).on_conflict_do_nothing())
+        with self.engine.begin() as conn:
+            free = conn.execute(
+                select(rescan_claims.c.content_hash)
+                .where(rescan_claims.c.fingerprint == fingerprint,
+                       rescan_claims.c.content_hash.in_(list(hashes)),
+                       rescan_claims.c.done_at.is_(None),
+                       or_(rescan_claims.c.lease_until.is_(None),
+                           rescan_claims.c.lease_until < now))
+                .order_by(rescan_claims.c.content_hash)
+                .with_for_update(skip_locked=True)).scalars().all()
+            if free:
+                conn.execute(rescan_claims.update().where(
+                    rescan_claims.c.fingerprint == fingerprint,
+                    rescan_claims.c.content_hash.in_(free)).values(
+                    holder=holder, lease_until=now + timedelta(seconds=lease)))
+        return list(free)
+
+    def finish_rescan_claims(self, fingerprint: str, done: Sequence[str],
+                             released: Sequence[str] = ()) -> None:
+        """``done``: scanned (their verdicts are in the cache).  ``released``: given back
+        unscanned (the copy was gone): another copy, here or elsewhere, claims them."""
+        with self.engine.begin() as conn:
+            if done:
+                conn.execute(rescan_claims.update().where(
+                    rescan_claims.c.fingerprint == fingerprint,
+                    rescan_claims.c.content_hash.in_(list(done))).values(
+                    done_at=func.now(), lease_until=None))
+            if released:
+                conn.execute(rescan_claims.update().where(
+                    rescan_claims.c.fingerprint == fingerprint,
+                    rescan_claims.c.content_hash.in_(list(released))).values(
+                    holder=None, lease_until=None))
+
+    def claim_scan(self, fingerprint: str, content_hash: str, holder: str,
+                   lease: float) -> bool:
+        """Arrivals on a shared store: True if ``holder`` is now the one to scan this
+        content (nobody held it, or the holder's lease ran out or was given back)."""
+        now = func.now()
+        until = now + timedelta(seconds=lease)
+        stmt = postgresql.insert(scan_claims).values(
+            fingerprint=fingerprint, content_hash=content_hash, holder=holder,
+            lease_until=until, created_at=now)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["fingerprint", "content_hash"],
+            set_={"holder": holder, "lease_until": until},
+            where=or_(scan_claims.c.lease_until.is_(None), scan_claims.c.lease_until < now))
+        with self.engine.begin() as conn:
+            # A claim lost in a crash costs at most one more scan: no WAL flush waited for.
+            conn.execute(text("SET LOCAL synchronous_commit TO OFF"))
+            return conn.execute(stmt.returning(scan_claims.c.holder)).first() is not None
+
+    def release_scan(self, fingerprint: str, content_hash: str, holder: str) -> None:
+        """Give a scan claim back (the scan gave no definite verdict): another host may
+        scan the content at once."""
+        with self.engine.begin() as conn:
+            conn.execute(scan_claims.update().where(
+                scan_claims.c.fingerprint == fingerprint,
+                scan_claims.c.content_hash == content_hash,
+                scan_claims.c.holder == holder).values(lease_until=None))
+
+    def open_rescan_claims(self, fingerprint: str, hashes: Sequence[str]) -> int:
+        """How many of ``hashes`` are not done yet (leased by another host, or free)."""
+        if not hashes:
+            return 0
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(rescan_claims).where(
+                rescan_claims.c.fingerprint == fingerprint,
+                rescan_claims.c.content_hash.in_(list(hashes)),
+                rescan_claims.c.done_at.is_(None))).scalar_one()
 
     def due_retries(self, source: str, now: datetime | None = None) -> list[dict]:
         """Messages of ``source`` waiting for a retry whose time has come."""
@@ -762,6 +877,10 @@ class Store:
                 or_(messages.c.state == GONE,
                     and_(messages.c.state == DONE, messages.c.kind == "postfix-hold")))
             ids = [r[0] for r in conn.execute(old)]
+            conn.execute(rescan_claims.delete().where(rescan_claims.c.created_at < cutoff))
+            # Arrival claims matter for a lease (minutes): a day is plenty.
+            conn.execute(scan_claims.delete().where(
+                scan_claims.c.created_at < utcnow() - timedelta(days=1)))
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
                 conn.execute(actions.delete().where(actions.c.message_id.in_(chunk)))
