@@ -13,12 +13,13 @@ out exactly those, and only where they are safe to leave out:
 
 One more field is hashed in part: the ``Received:`` field Postfix adds when it takes the
 message in (the first field after those trace fields, in a held queue file and in the copies
-delivered from it), when it has exactly Postfix's form.  Its ``from`` part (the client's
-HELO name, reverse name, address, TLS details: what the sender controls) is hashed; the
-parts that are this host's (``by <host> (Postfix)``, ``with <protocol>``, ``id <queue
-ID>``, ``for <one address>``, the date), from a strict character set, are not.  So the
-same mail taking two MX hosts (or two transactions) has one hash, and one scan serves it
-on every host.
+delivered from it), when it has exactly Postfix's form (field name, spacing, folding and
+date as Postfix writes them).  What the sender controls is hashed: the ``from`` part (the
+client's HELO name, reverse name, address, TLS details) and the ``for <address>`` part
+(an address extension can carry any text).  What this host wrote is not: ``by <host>
+(Postfix)``, ``with <protocol>``, ``id <queue ID>`` and the date, each from a strict
+character set.  So the same mail taking two MX hosts (or two transactions) to the same
+recipient has one hash, and one scan serves it on every host.
 
 Everything else (every other header, every MIME header, the body) is hashed, so any change
 that could change what clamd finds changes the hash.  The size returned is the size of the
@@ -45,11 +46,17 @@ _TRACE_NAMES: Final = frozenset({b"return-path", b"delivered-to", b"x-original-t
 # A single address: optional angle brackets, no spaces, at most 320 octets (RFC 5321 limits).
 _ADDRESS_VALUE: Final = re.compile(rb"[ \t]*(<[^<>\s]{0,320}>|[^<>\s@]{1,64}@[^<>\s@]{1,255})"
                                    rb"[ \t]*\r?\n")
-# Postfix's own Received: field, unfolded (see the module docstring).
+# Postfix's own Received: field, unfolded (see the module docstring).  The parts left out
+# of the hash admit only what Postfix writes there: letters, digits and a few separators,
+# never text a signature could match in a way that matters.
+_DAY: Final = rb"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_MONTH: Final = rb"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
 _OWN_RECEIVED: Final = re.compile(
-    rb"(?P<from>from [^;]*?)?\s*by [A-Za-z0-9.-]{1,255} \(Postfix(?:, from userid \d{1,10})?\)"
-    rb"(?: with [A-Za-z0-9]{1,16})? id [0-9A-Za-z]{1,32}(?: for <[^<>\s]{0,320}>)?;"
-    rb" [A-Za-z0-9 ,:+()-]{0,64}")
+    rb"(?:(?P<from>from [^;]*?) )?by [A-Za-z0-9.-]{1,255} \(Postfix(?:, from userid \d{1,10})?\)"
+    rb"(?: with [A-Za-z0-9]{1,16})? id [0-9A-Za-z]{6,32}(?P<for> for <[^<>\s]{0,320}>)?; "
+    + _DAY + rb", [ 0-3]?\d " + _MONTH + rb" \d{4} \d\d:\d\d:\d\d [+-]\d{4}"
+    rb"(?: \([A-Za-z0-9+-]{1,8}\))?")
+# Postfix folds with a tab (or a space) after the line end; nothing else is unfolded.
 _FOLD: Final = re.compile(rb"\r?\n[ \t]")
 _HEAD_LIMIT: Final = 64 * 1024  # trace headers are short; stop looking after this much
 CHUNK: Final = 256 * 1024
@@ -105,8 +112,8 @@ def _strip_leading_trace_headers(head: bytes) -> int:
 
 def _own_received(head: bytes, pos: int) -> tuple[int, bytes] | None:
     """If the field at ``pos`` is Postfix's own ``Received:``: where it ends, and what of
-    it is hashed (its ``from`` part)."""
-    if head[pos:pos + 9].lower() != b"received:":
+    it is hashed (its ``from`` and ``for`` parts, under a tag of their own)."""
+    if head[pos:pos + 10] != b"Received: ":  # exactly as Postfix writes the name
         return None
     end = pos
     while True:  # the field: its line and the folded lines after it
@@ -116,11 +123,14 @@ def _own_received(head: bytes, pos: int) -> tuple[int, bytes] | None:
         end = nl + 1
         if head[end:end + 1] not in (b" ", b"\t"):
             break
-    value = _FOLD.sub(b" ", head[pos + 9:end]).strip(b" \t\r\n")
-    m = _OWN_RECEIVED.fullmatch(value)
+    line = head[pos + 10:end]
+    line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+    m = _OWN_RECEIVED.fullmatch(_FOLD.sub(b" ", line))
     if m is None:
         return None
-    return end, b"Received: " + (m.group("from") or b"").strip(b" \t") + b" by (Postfix)\n"
+    # NUL and the tag make the hashed form differ from any field of a message as sent.
+    return end, (b"\0own-received\0" + (m.group("from") or b"") + b"\0"
+                 + (m.group("for") or b"") + b"\0")
 
 
 def decode_value(raw: bytes) -> str:

@@ -160,13 +160,14 @@ def test_postfix_own_received_field_hashes_without_its_host_parts():
     body = b"Subject: s\nFrom: a@example.net\n\nsame\n"
     one = _received("mx1.example.org", "4AbC12", "a@example.org",
                     "Wed,  2 Dec 2026 02:00:00 +0000 (UTC)") + body
-    two = _received("mx2.example.org", "9ZZZ3", "b@example.org",
+    two = _received("mx2.example.org", "9ZZZ3AB", "a@example.org",
                     "Wed,  2 Dec 2026 02:00:07 +0000 (UTC)") + body
-    delivered = b"Return-Path: <a@example.net>\nDelivered-To: b@example.org\n" + two
+    delivered = b"Return-Path: <a@example.net>\nDelivered-To: a@example.org\n" + two
     h = [content_hash(io.BytesIO(x)).sha256 for x in (one, two, delivered)]
     assert h[0] == h[1] == h[2]
     # The client's part (HELO, address) counts; so does any other Received field.
-    other = _received("mx1.example.org", "4AbC12", "a@example.org", "Wed, 2 Dec 2026",
+    other = _received("mx1.example.org", "4AbC12", "a@example.org",
+                      "Wed,  2 Dec 2026 02:00:00 +0000 (UTC)",
                       client="from evil.example (evil [192.0.2.1])") + body
     assert content_hash(io.BytesIO(other)).sha256 != h[0]
     assert content_hash(io.BytesIO(body)).sha256 != h[0]
@@ -174,3 +175,34 @@ def test_postfix_own_received_field_hashes_without_its_host_parts():
     assert content_hash(io.BytesIO(not_postfix)).sha256 != h[0]
     odd = _received("mx1.example.org", "4AbC12", "a@example.org", "X5O!P%@AP[4\\PZX54(P^)") + body
     assert content_hash(io.BytesIO(odd)).sha256 != h[0]  # odd date characters: all hashed
+
+
+def test_the_recipient_in_postfix_own_received_field_is_hashed():
+    """An address extension is the sender's text: a copy to user+<anything> must not be
+    served the verdict of a copy to user+<something else>."""
+    from spoolscan.content import content_hash
+
+    body = b"Subject: s\n\nsame\n"
+    date = "Wed,  2 Dec 2026 02:00:00 +0000 (UTC)"
+    plain = _received("mx1.example.org", "4AbC12", "victim+aaaa@example.org", date) + body
+    payload = _received("mx1.example.org", "4AbC12",
+                        "victim+X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR@example.org", date) + body
+    assert content_hash(io.BytesIO(plain)).sha256 != content_hash(io.BytesIO(payload)).sha256
+
+
+def test_only_postfix_own_spacing_and_name_count_as_its_received_field():
+    from spoolscan.content import content_hash
+
+    body = b"Subject: s\n\nsame\n"
+    date = "Wed,  2 Dec 2026 02:00:00 +0000 (UTC)"
+    one = _received("mx1.example.org", "4AbC12", "a@example.org", date) + body
+    two = _received("mx2.example.org", "5XyZ99", "a@example.org", date) + body
+    assert content_hash(io.BytesIO(one)).sha256 == content_hash(io.BytesIO(two)).sha256
+    for odd in (two.replace(b"Received:", b"received:"),
+                two.replace(b"\n\tby", b"\r\x0bby"),
+                two.replace(b"\n\tby", b"\n\t\r by"),
+                two.replace(b") with", b")\x0cwith")):
+        assert content_hash(io.BytesIO(odd)).sha256 != content_hash(io.BytesIO(one)).sha256
+    # A message whose first field looks like the hashed form of Postfix's field is not it.
+    forged = b"Received: from client.example (localhost [127.0.0.1]) by (Postfix)\n" + body
+    assert content_hash(io.BytesIO(forged)).sha256 != content_hash(io.BytesIO(one)).sha256

@@ -288,7 +288,7 @@ class Store:
             conn.execute(update(fingerprints).where(fingerprints.c.fingerprint == fingerprint)
                          .values(rescanned_at=now))
             if self.shared and host is not None:
-                conn.execute(postgresql.insert(host_rescans).values(
+                conn.execute(self._insert(host_rescans).values(
                     fingerprint=fingerprint, host=host, rescanned_at=now)
                     .on_conflict_do_update(index_elements=["fingerprint", "host"],
                                            set_={"rescanned_at": now}))
@@ -764,9 +764,11 @@ class Store:
             return []
         now = func.now()
         with self.engine.begin() as conn:
-            conn.execute(postgresql.insert(rescan_claims).values(
+            # In one order on every host: two hosts inserting overlapping batches in
+            # different orders could deadlock (and PostgreSQL would abort one rescan).
+            conn.execute(self._insert(rescan_claims).values(
                 [{"fingerprint": fingerprint, "content_hash": h, "created_at": now}
-                 for h in hashes]).on_conflict_do_nothing())
+                 for h in sorted(set(hashes))]).on_conflict_do_nothing())
         with self.engine.begin() as conn:
             free = conn.execute(
                 select(rescan_claims.c.content_hash)
@@ -806,7 +808,7 @@ class Store:
         content (nobody held it, or the holder's lease ran out or was given back)."""
         now = func.now()
         until = now + timedelta(seconds=lease)
-        stmt = postgresql.insert(scan_claims).values(
+        stmt = self._insert(scan_claims).values(
             fingerprint=fingerprint, content_hash=content_hash, holder=holder,
             lease_until=until, created_at=now)
         stmt = stmt.on_conflict_do_update(
