@@ -53,6 +53,22 @@ def test_shards_split_the_mailboxes_and_each_host_owns_only_its_share(config, st
     assert not source.owns({"identity": "/elsewhere/Maildir/unique3"})
 
 
+def test_a_single_host_owns_mailboxes_named_with_a_dot_or_globbed_with_a_slash(config, store,
+                                                                                tmp_path):
+    """Ownership decides what rescans and reconciliation look at: a mailbox it misses
+    would never be rescanned after a signature update."""
+    root = tmp_path / "home"
+    for pattern, box in ((str(root / "*" / ".maildir"), root / "a" / ".maildir"),
+                         (str(root / "*" / "Maildir") + "/", root / "b" / "Maildir")):
+        make_maildir(box)
+        src = SourceConfig(name="mailboxes", type="maildir", paths=(pattern,))
+        source = build_worker(replace(config, sources=(src,)), store).sources["mailboxes"]
+        assert source.owns({"identity": f"{box}/unique1"})
+        assert source.owns({"identity": f"{box}/.Sent/unique2"})
+        assert source.owns({"identity": f"{box}/.maildir/unique3"})  # a folder of that name
+        assert not source.owns({"identity": f"{tmp_path}/other/Maildir/unique4"})
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_sweep_only_mailboxes_are_found_without_inotify(config, store, tmp_path):
     box = make_maildir(tmp_path / "vmail" / "alice" / "Maildir")

@@ -127,13 +127,20 @@ class MaildirSource(Source):
     def owns(self, row: dict) -> bool:
         """A stored message is this host's if its mailbox matches this source's globs and
         is in this host's shard (other hosts of one store have other mailboxes)."""
-        folder_path = row["identity"].rpartition("/")[0]
-        if folder_path.endswith(("/new", "/cur")):  # <folder>/<sub>/<name> (two files)
-            folder_path = folder_path[:-4]
-        head, _, last = folder_path.rpartition("/")
-        root = head if is_folder_name(last) else folder_path
-        return (any(fnmatch.fnmatchcase(root, pattern) for pattern in self.src.paths)
-                and self.src.in_shard(root))
+        root = self._mailbox_of(row["identity"])
+        return root is not None and self.src.in_shard(root)
+
+    def _mailbox_of(self, identity: str) -> str | None:
+        """The mailbox root of a stored message: the shortest directory above it that one
+        of the globs matches (a Maildir++ folder is below its root; the root's own name
+        may start with a dot, as ``~/.maildir`` does)."""
+        patterns = [os.path.normpath(p) for p in self.src.paths]
+        parts = identity.split("/")
+        for i in range(2, len(parts)):  # "/a", "/a/b", ... up to the message's directory
+            directory = "/".join(parts[:i])
+            if any(fnmatch.fnmatchcase(directory, p) for p in patterns):
+                return directory
+        return None
 
     def _listing(self, root: str) -> MailboxListing | None:
         try:
