@@ -48,6 +48,10 @@ class ClamdError(Exception):
     """clamd could not be reached or gave no usable answer."""
 
 
+class ClamdUnreachable(ClamdError):
+    """clamd could not be reached: nothing of the message was sent."""
+
+
 def parse_reply(reply: str, prefix: str | None = None) -> ScanResult:
     """Map one clamd scan reply (``stream: OK``, ``fd[5]: Name FOUND``...) to a result.
 
@@ -124,7 +128,8 @@ class ClamdClient:
             client.timeout = _remaining(deadline)
             client._init_socket()
         except OSError as exc:  # pyclamd.ConnectionError is an OSError
-            raise ClamdError(f"cannot connect to clamd at {self.endpoint}: {exc}") from None
+            raise ClamdUnreachable(f"cannot connect to clamd at {self.endpoint}: {exc}"
+                                   ) from None
         sock: socket.socket = client.clamd_socket
         client.clamd_socket = None  # the socket is ours now; pyclamd must not reuse it
         sock.settimeout(_remaining(deadline))

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Final
 
-from spoolscan.clamd import ClamdClient, ClamdError
+from spoolscan.clamd import ClamdClient, ClamdError, ClamdUnreachable
 from spoolscan.config import ClamdConfig
 from spoolscan.model import ScanResult, Verdict
 
@@ -232,14 +232,23 @@ class ClamdPool:
             tried.add(member)
             try:
                 result = exchange(member.client, time.monotonic() + self.config.timeout)
-            except (ClamdError, TimeoutError, OSError) as exc:
-                why = (f"timed out after {self.config.timeout:g}s"
-                       if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__)
-                problems.append(f"{member.name}: {why}")
-                self._failed(member, why)
+            except ClamdUnreachable as exc:  # nothing was sent: another server may scan it
+                problems.append(f"{member.name}: {exc}")
+                self._failed(member, str(exc))
                 with self._lock:
                     self.failovers += 1
                 continue
+            except (ClamdError, TimeoutError, OSError) as exc:
+                # The server took (some of) the message and gave no usable answer: the
+                # message itself may be what broke it (a scan bomb past the timeout, a
+                # crash).  Handing it to every other server in turn would take the whole
+                # pool down for everyone, so it is this message's error (retried later by
+                # the policy); a PING tells whether the server is down for all.
+                why = (f"timed out after {self.config.timeout:g}s"
+                       if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__)
+                self._probe(member)
+                return ScanResult(Verdict.ERROR, detail=f"clamd {member.name}: {why}",
+                                  duration_ms=int((self.clock() - started) * 1000))
             finally:
                 self._release(member)
             self._answered(member)

@@ -14,7 +14,7 @@ import pytest
 from conftest import running, wait_until
 from mail import message
 
-from spoolscan.clamd import ClamdError
+from spoolscan.clamd import ClamdError, ClamdUnreachable
 from spoolscan.clamdpool import ClamdPool, client_for
 from spoolscan.config import ClamdConfig, ConfigError, SourceConfig, parse_config
 from spoolscan.model import ScanResult, Verdict
@@ -31,10 +31,11 @@ class FakeServer:
         self.up = True
         self.scans = 0
         self.gate: threading.Event | None = None
+        self.hangs = False  # takes the message, then no answer (a scan bomb)
 
     def _check(self) -> None:
         if not self.up:
-            raise ClamdError(f"{self.endpoint}: connection refused")
+            raise ClamdUnreachable(f"{self.endpoint}: connection refused")
 
     def _command(self, command: str, timeout: float | None = None) -> str:
         self._check()
@@ -50,6 +51,8 @@ class FakeServer:
             self.gate.wait(5)
         self.scans += 1
         data = stream.read()
+        if self.hangs:
+            raise TimeoutError("deadline passed")
         return ScanResult(Verdict.INFECTED if b"BAD" in data else Verdict.CLEAN)
 
     exchange_fd = None  # not used here
@@ -74,6 +77,21 @@ def fake_pool(*servers: FakeServer) -> tuple[ClamdPool, Clock]:
 
 def scan(pool: ClamdPool, data: bytes = b"hello") -> ScanResult:
     return pool.scan_stream(io.BytesIO(data), len(data))
+
+
+def test_a_message_that_breaks_a_server_is_not_handed_to_the_next_one():
+    """A server that took the message and gave no answer may have been broken by the
+    message itself: that message gets an error (retried later), the others still flow."""
+    a, b = FakeServer("a"), FakeServer("b")
+    pool, _ = fake_pool(a, b)
+    a.hangs = True
+    b.scans = 10  # (ties go to the first server: a gets the message)
+    result = scan(pool, b"bomb")
+    assert result.verdict == Verdict.ERROR and "timed out" in (result.detail or "")
+    assert b.scans == 10  # not tried on b
+    a.hangs = False
+    assert scan(pool).verdict == Verdict.CLEAN  # a still answers PING: still in the pool
+    assert [m.down for m in pool.members] == [False, False]
 
 
 def test_scans_go_to_the_server_with_fewest_in_flight():
