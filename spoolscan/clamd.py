@@ -322,16 +322,18 @@ def content_fingerprint(version: str, directory: str | None) -> str:
     """The fingerprint for clamd's VERSION reply and its database directory (None: not
     reachable from here).  See ``ClamdClient.fingerprint``."""
     parts = version.split("/")
+    # The engine counts (a newer one unpacks and detects more), clamd's clock does not.
+    engine = parts[0].strip() or "ClamAV"
     if len(parts) >= 2 and parts[1].strip().isdigit():
         # Official (or versioned) daily: its number names it; local files beside it too.
-        base = f"ClamAV daily/{int(parts[1])}/"
+        base = f"{engine} daily/{int(parts[1])}/"
         if directory is None:
             return base
         local = database_digest(directory, official=False)
         return base if local == EMPTY_DIGEST else f"{base}+db:{local}"
     if directory is None:
         return f"{version.strip()}+remote"
-    return f"ClamAV custom+db:{database_digest(directory)}"
+    return f"{engine} custom+db:{database_digest(directory)}"
 
 
 EMPTY_DIGEST: Final = hashlib.sha256(b"").hexdigest()[:16]
