@@ -194,7 +194,14 @@ def _feed_claimed(worker: Worker, since: datetime | None, source: str | None,
                                 "no longer present (found by a rescan)")
                 summary.gone += len(gone)
             worker.wait_idle(settle=0.0)
-            store.finish_rescan_claims(fingerprint, [d for d in got if d not in gone], gone)
+            # Done: the contents that now have a definite verdict (in the cache).  One
+            # whose scan failed (clamd down, unchecked) is given back, so that it is
+            # claimed and scanned again rather than counted as rescanned.
+            scanned = [d for d in got if d not in gone]
+            done = [d for d in scanned
+                    if worker.service.cache.get((d, fingerprint)) is not None]
+            failed = [d for d in scanned if d not in set(done)]
+            store.finish_rescan_claims(fingerprint, done, gone + failed)
             waiting += store.open_rescan_claims(
                 fingerprint, [d for d in mine if d not in got or d in gone])
         first_round = False
