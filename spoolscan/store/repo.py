@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import (
     Boolean,
@@ -236,11 +236,13 @@ class Store:
         self.engine = engine
         # Only the dialect in use is imported: sqlalchemy.dialects.postgresql pulls in every
         # PostgreSQL driver's module (~0.25 s), which a SQLite command does not need.
+        self._insert: Any
         if engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+            self._insert = pg_insert
         else:
-            from sqlalchemy.dialects.sqlite import insert
-        self._insert = insert
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+            self._insert = sqlite_insert
 
     @classmethod
     def open(cls, url: str, check: bool = True) -> Store:
