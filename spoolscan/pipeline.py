@@ -291,6 +291,25 @@ class Worker:
         for name, items in by_source.items():
             self._act(self._source(name), items)
 
+    def _interrupted_quarantines(self, source: Source, items: list[Pending]) -> dict[int, str]:
+        """Messages whose last action is a quarantine left pending (the worker died while
+        acting) with its copy complete in the store: message ID -> that copy's path."""
+        if not items:
+            return {}
+        try:
+            last = self.store.last_actions([p.message_id for p in items])
+        except Exception as exc:  # the intent write that follows reports an outage
+            log.debug("earlier quarantine intents not looked up: %r", exc)
+            return {}
+        found = {}
+        for message_id, row in last.items():
+            path = row.get("quarantine_path")
+            if (row.get("action") == Action.QUARANTINE
+                    and row.get("outcome") == ActionOutcome.PENDING and path
+                    and source.quarantine_store.exists(path)):
+                found[message_id] = path
+        return found
+
     def _source(self, name: str) -> Source | None:
         return self.sources.get(name) or self._retired.get(name)
 
@@ -304,9 +323,14 @@ class Worker:
                     "its source is no longer configured", state=State.RETRY)
             acting = []
         if acting and source is not None:
-            for p in acting:
-                if p.decision.action == Action.QUARANTINE:
-                    p.target = source.quarantine_target(p)
+            quarantining = [p for p in acting if p.decision.action == Action.QUARANTINE]
+            earlier = self._interrupted_quarantines(source, quarantining)
+            for p in quarantining:
+                p.target = source.quarantine_target(p)
+                if p.target is not None and p.message_id in earlier:
+                    # A copy made by an attempt killed before it finished: finish that
+                    # one (put() keeps a complete copy) rather than make a second.
+                    p.target = earlier[p.message_id]
             # Write the intent first: if we die while acting, the restart finds a pending
             # action for a message that is no longer where it was, and knows why (and,
             # for a quarantine, where its copy went).

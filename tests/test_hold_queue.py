@@ -360,3 +360,41 @@ def test_hashed_hold_directories_are_watched(config, store, postfix):
     rows = {r["queue_id"]: r for r in scans(store)}
     assert rows[clean]["action"] == "release" and rows[eicar]["action"] == "quarantine"
     assert any(p.is_dir() for p in (postfix.queue_dir / "hold").iterdir())
+
+
+def test_a_quarantine_killed_after_its_copy_is_finished_not_copied_again(config, store,
+                                                                          postfix):
+    """SIGKILL between the copy into the quarantine store and `postsuper -d` (the fault
+    matrix's sigkill row found it): the restart scans the message again and must finish
+    that copy, not make a second one under the new scan's name."""
+    import io
+
+    from spoolscan.model import ActionOutcome
+    from spoolscan.quarantine.store import QuarantineStore
+    from spoolscan.store.repo import ACTING, ActionRecord, ScanRecord
+
+    cfg = hold_config(config, postfix)
+    qid = postfix.send(eicar_message(subject="killed mid-quarantine"), recipients=[RCPT])
+    postfix.wait_held(1)
+    source = HoldSource(cfg.sources[0], cfg, store, Broker())
+    rel = str(postfix.held_path(qid).relative_to(postfix.queue_dir / "hold"))
+    info, _ = source.examine(source.broker.hold_stat(source.queue_dir, rel)).data
+    (stored,) = store.record_scans([ScanRecord(
+        message=info, verdict="infected", signature="Spoolscan.Test.EICAR", detail=None,
+        fingerprint="x", duration_ms=1, trigger="arrival", cached=False, state=ACTING)])
+    qstore = QuarantineStore(cfg.quarantine.directory)
+    qstore.prepare()
+    path = qstore.path_for(stored.message_id, stored.scan_id)
+    store.record_actions([ActionRecord(stored.message_id, stored.scan_id, "quarantine",
+                                       ActionOutcome.PENDING, "infected",
+                                       quarantine_path=path)])
+    qstore.put(path, io.BytesIO(postfix.held_path(qid).read_bytes()), {"queue_id": qid})
+
+    build_worker(cfg, store).run_once()
+    assert postfix.held_ids() == []
+    copies = sorted(Path(cfg.quarantine.directory).rglob("message.eml"))
+    assert [str(c) for c in copies] == [path]
+    with store.engine.connect() as conn:
+        done = conn.execute(text("SELECT quarantine_path FROM actions WHERE outcome = 'ok' "
+                                 "AND action = 'quarantine'")).scalars().all()
+    assert done == [path]
