@@ -1,0 +1,955 @@
+"""The fault matrix: real bursts through a private Postfix, `spoolscan run` working, one
+fault injected per row, and a ledger of every message sent.
+
+Each row × database: a fresh private Postfix (hold everything, deliver to Maildirs), a
+`spoolscan run` subprocess (hold queue + the Maildirs Postfix delivers to, store
+quarantine), a burst of ``burst`` messages sent over SMTP (every fifth carries EICAR), the
+fault injected mid-burst, then a settle phase.  The ledger then classifies every message
+it sent from what is really there:
+
+* **delivered**: ``status=sent`` lines of Postfix's log for its queue ID (a message
+  delivered and then taken out of a Maildir still counts);
+* **quarantined**: a ``message.eml`` in the quarantine store carrying its marker;
+* **held**: still in a Postfix queue (or its Maildir file still unscanned) with a
+  visible reason in the store (``retry``/``stuck`` and ``last_error``);
+* **lost**: none of those (held without a visible reason counts as lost);
+* **infected delivered**, **duplicated** (delivered more than once, or delivered and
+  quarantined), **released unscanned** (delivered, but the store has no clean verdict
+  for it).
+
+Used by ``tests/test_faults.py`` (short scale: small bursts, faults of a few seconds) and
+by ``bench/faults`` (``make faults``: the issue's durations; writes
+``docs/reliability.md``).  Needs root (Postfix, mounts, sysctl).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import pwd
+import random
+import re
+import signal
+import smtplib
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spoolscan.testing.clamd import EICAR, ClamdInstance, ndb_line
+from spoolscan.testing.postfix import NOBODY_GID, NOBODY_UID, PostfixInstance
+
+WORKER_USER = "spoolscan"
+RCPT = "rcpt"
+PG_ADMIN_URL = os.environ.get("SPOOLSCAN_TEST_POSTGRES_URL",
+                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+INOTIFY_MAX = Path("/proc/sys/fs/inotify/max_queued_events")
+_MARKER = re.compile(rb"ledger-[0-9a-f]{8}-\d+-[a-z]+")
+LATENT = b"SPOOLSCAN-LATENT-THREAT-7f3a"  # caught only after the signature update
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def build_message(marker: str, kind: str) -> bytes:
+    """A message whose Subject and body carry ``marker``; ``kind``: clean, infected
+    (an EICAR attachment) or latent (clean until the signature update)."""
+    from email.message import EmailMessage
+
+    msg = EmailMessage()
+    msg["From"] = "alice@example.net"
+    msg["To"] = f"{RCPT}@spoolscan.test"
+    msg["Subject"] = marker
+    msg["Message-ID"] = f"<{marker}@faults.example>"
+    body = f"Ledger entry {marker}.\n"
+    if kind == "latent":
+        body += LATENT.decode() + "\n"
+    msg.set_content(body)
+    if kind == "infected":
+        msg.add_attachment(EICAR, maintype="application", subtype="octet-stream",
+                           filename="eicar.com")
+    return bytes(msg)
+
+
+@dataclass
+class Entry:
+    marker: str
+    kind: str  # clean | infected | latent
+    via: str = "smtp"  # smtp | maildir (put straight into a Maildir)
+    queue_id: str | None = None
+    path: Path | None = None  # via maildir: where it was put
+
+
+@dataclass
+class Counts:
+    sent: int = 0
+    delivered: int = 0
+    quarantined: int = 0
+    held: int = 0
+    lost: int = 0
+    infected_delivered: int = 0
+    duplicated: int = 0
+    released_unscanned: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.infected_delivered or self.duplicated
+                    or self.released_unscanned)
+
+
+class Ledger:
+    """Every message sent in one row, and where each one ended up."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.entries: list[Entry] = []
+        self._lock = threading.Lock()
+
+    def new(self, kind: str, via: str = "smtp") -> Entry:
+        with self._lock:
+            entry = Entry(f"ledger-{self.tag}-{len(self.entries)}-{kind}", kind, via)
+            self.entries.append(entry)
+        return entry
+
+    # --- what is where ------------------------------------------------------------
+
+    @staticmethod
+    def deliveries(postfix: PostfixInstance) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for m in re.finditer(r"\b([0-9A-Za-z]+): to=<[^>]*>, .*status=sent", postfix.log_text()):
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+        return counts
+
+    @staticmethod
+    def markers_in(paths: Iterator[Path]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for path in paths:
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            for marker in set(_MARKER.findall(data)):
+                key = marker.decode()
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    @staticmethod
+    def quarantined(directory: Path) -> dict[str, int]:
+        return Ledger.markers_in(directory.rglob("message.eml"))
+
+    @staticmethod
+    def queued(postfix: PostfixInstance) -> dict[str, int]:
+        files = (p for sub in ("hold", "incoming", "active", "deferred", "maildrop")
+                 for p in (postfix.queue_dir / sub).rglob("*") if p.is_file())
+        return Ledger.markers_in(files)
+
+    @staticmethod
+    def in_maildirs(vmail: Path) -> dict[str, int]:
+        files = (p for p in vmail.rglob("*") if p.is_file() and p.parent.name in ("new", "cur")
+                 and ".Quarantine" not in p.parts)
+        return Ledger.markers_in(files)
+
+    def settled(self, postfix: PostfixInstance, quarantine: Path) -> bool:
+        """Every entry delivered or quarantined (latent: quarantined), nothing queued."""
+        delivered = self.deliveries(postfix)
+        quarantined = self.quarantined(quarantine)
+        in_maildirs = self.in_maildirs(postfix.vmail_dir) if any(
+            e.via == "maildir" for e in self.entries) else {}
+        for e in self.entries:
+            if e.kind in ("infected", "latent") or e.via == "maildir":
+                if e.kind != "clean" and not quarantined.get(e.marker):
+                    return False
+                if e.kind != "clean" and in_maildirs.get(e.marker):
+                    return False
+            if e.via == "smtp" and e.kind != "infected" and not delivered.get(e.queue_id or ""):
+                return False
+        return not self.queued(postfix)
+
+    def progress(self, postfix: PostfixInstance, quarantine: Path) -> int:
+        """How many entries have been acted on (delivered or quarantined) so far."""
+        delivered = self.deliveries(postfix)
+        quarantined = self.quarantined(quarantine)
+        return sum(1 for e in self.entries
+                   if delivered.get(e.queue_id or "") or quarantined.get(e.marker))
+
+    def classify(self, postfix: PostfixInstance, quarantine: Path, db_url: str) -> Counts:
+        delivered = self.deliveries(postfix)
+        quarantined = self.quarantined(quarantine)
+        queued = self.queued(postfix)
+        in_maildirs = self.in_maildirs(postfix.vmail_dir)
+        clean_ids, reasons = store_facts(db_url)
+        c = Counts(sent=len(self.entries))
+        for e in self.entries:
+            n_del = delivered.get(e.queue_id or "", 0) if e.via == "smtp" else 0
+            n_q = quarantined.get(e.marker, 0)
+            still_in_box = in_maildirs.get(e.marker, 0)
+            if e.via == "maildir" and e.kind == "clean" and still_in_box:
+                n_del = 1
+            if n_del:
+                c.delivered += 1
+            if n_q:
+                c.quarantined += 1
+            if e.kind == "infected" and (n_del or (e.via == "maildir" and still_in_box)):
+                c.infected_delivered += 1
+                c.problems.append(f"{e.marker}: infected, delivered")
+            if e.kind == "latent" and still_in_box and not n_q:
+                c.infected_delivered += 1
+                c.problems.append(f"{e.marker}: retroactive detection not acted on")
+            if n_del > 1 or (n_del and n_q and e.kind == "clean") or n_q > 1:
+                c.duplicated += 1
+                c.problems.append(f"{e.marker}: delivered {n_del}, quarantined {n_q}")
+            if n_del and e.via == "smtp" and e.queue_id not in clean_ids:
+                c.released_unscanned += 1
+                c.problems.append(f"{e.marker} ({e.queue_id}): delivered without a clean "
+                                  "verdict in the store")
+            if not n_del and not n_q:
+                if queued.get(e.marker) or (e.via == "maildir" and still_in_box):
+                    key = e.queue_id if e.via == "smtp" else e.marker
+                    if reasons.get(key or ""):
+                        c.held += 1
+                        continue
+                    c.problems.append(f"{e.marker} ({e.queue_id}): held without a reason")
+                else:
+                    c.problems.append(f"{e.marker} ({e.queue_id}): nowhere")
+                c.lost += 1
+        return c
+
+
+def store_facts(db_url: str) -> tuple[set[str], dict[str, str]]:
+    """Queue IDs with a clean verdict; the visible reasons of held messages (by queue ID,
+    and by ledger marker in the subject)."""
+    from sqlalchemy import text
+
+    from spoolscan.store.db import create_engine_for
+
+    engine = create_engine_for(db_url)
+    try:
+        with engine.connect() as conn:
+            clean = {r[0] for r in conn.execute(text(
+                "SELECT m.queue_id FROM messages m JOIN scans s ON s.message_id = m.id "
+                "WHERE s.verdict = 'clean' AND m.queue_id IS NOT NULL"))}
+            reasons: dict[str, str] = {}
+            for qid, subject, state, error in conn.execute(text(
+                    "SELECT queue_id, subject, state, last_error FROM messages "
+                    "WHERE state IN ('retry', 'stuck', 'seen', 'verdict', 'acting')")):
+                reason = f"{state}: {error}" if error else ""
+                for key in (qid, subject):
+                    if key and reason:
+                        reasons[key] = reason
+    finally:
+        engine.dispose()
+    return clean, reasons
+
+
+# --------------------------------------------------------------------------- a fake clamd
+
+
+class FakeClamd:
+    """A Unix socket server that answers every command with ``reply`` (garbage), or
+    accepts and never answers (``reply=None``)."""
+
+    def __init__(self, path: Path, reply: bytes | None) -> None:
+        self.path = path
+        self.reply = reply
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        path.unlink(missing_ok=True)
+        self.sock.bind(str(path))
+        os.chmod(path, 0o666)
+        self.sock.listen(64)
+        self.conns: list[socket.socket] = []
+        self.closed = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(1.0)
+            with contextlib.suppress(OSError):
+                conn.recv(65536)
+            if self.reply is not None:
+                conn.sendall(self.reply)
+                conn.close()
+                return
+            while not self.closed:  # accepted, never answered
+                try:
+                    if not conn.recv(65536):
+                        time.sleep(0.2)
+                except TimeoutError:
+                    continue
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+        self.path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class Scale:
+    burst: int  # messages per row
+    factor: float  # fault durations: the issue's seconds × factor
+    settle: float  # seconds to wait for the mail to settle after the fault
+
+    def seconds(self, full: float) -> float:
+        return max(1.0, full * self.factor)
+
+
+SHORT = Scale(burst=30, factor=0.1, settle=60)
+FULL = Scale(burst=200, factor=1.0, settle=300)
+
+
+class Skip(Exception):
+    """The row cannot run on this machine (the reason is reported)."""
+
+
+class Run:
+    """One row on one database: the Postfix, the worker, the ledger, the fault's tools."""
+
+    def __init__(self, row: Row, db: str, root: Path, clamd: ClamdInstance, scale: Scale,
+                 seed: int) -> None:
+        self.row, self.db, self.root, self.clamd, self.scale = row, db, root, clamd, scale
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.ledger = Ledger(uuid.uuid4().hex[:8])
+        self.postfix = PostfixInstance(root / "postfix")
+        self.quarantine = root / "quarantine"
+        self.clamd_link = root / "clamd" / "clamd.sock"
+        self.db_url = ""
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.worker_log = root / "worker.log"
+        self.config_file = root / "spoolscan.toml"
+        self.cleanups: list[Callable[[], None]] = []
+        self.notes: list[str] = []
+        self.sweep_interval = "1s"
+        self.pg = None  # a PrivatePostgres when the row needs one
+        self.sending_done = threading.Event()
+
+    # --- the pieces --------------------------------------------------------------
+
+    def mount_tmpfs(self, path: Path, size: str, uid: int = 0, gid: int = 0,
+                    mode: int = 0o755) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode:o}",
+                                 "tmpfs", str(path)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise Skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
+        self.cleanups.append(lambda: subprocess.run(["umount", "-l", str(path)],
+                                                    capture_output=True))
+        os.chown(path, uid, gid)
+        os.chmod(path, mode)
+
+    def point_clamd_at(self, target: Path) -> None:
+        tmp = self.clamd_link.with_name(".clamd.sock.new")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target)
+        os.replace(tmp, self.clamd_link)
+
+    def write_config(self) -> None:
+        user = pwd.getpwnam(WORKER_USER)
+        for path in (self.root, *self.root.parents):
+            st = path.stat()
+            if not st.st_mode & 0o001:
+                path.chmod(st.st_mode & 0o7777 | 0o001)
+        if self.db_url.startswith("sqlite:///"):
+            os.chown(Path(self.db_url[len("sqlite:///"):]).parent, user.pw_uid, user.pw_gid)
+        timeout = 3 if self.scale.factor < 1 else 10
+        self.config_file.write_text(f"""
+[database]
+url = "{self.db_url}"
+
+[clamd]
+socket = "{self.clamd_link}"
+timeout = {timeout}
+concurrency = 4
+database_directory = "{self.clamd.db_dir}"
+config_file = "{self.clamd.conf_path}"
+
+[quarantine]
+directory = "{self.quarantine}"
+
+[policy]
+local_domains = ["spoolscan.test"]
+max_attempts = 8
+retry_delay = 0.25
+
+[privileges]
+user = "{WORKER_USER}"
+
+[[source]]
+name = "postfix"
+type = "postfix-hold"
+config_directory = "{self.postfix.config_dir}"
+sweep_interval = "{self.sweep_interval}"
+
+[[source]]
+name = "mailboxes"
+type = "maildir"
+paths = ["{self.postfix.vmail_dir}/*/Maildir"]
+quarantine = "store"
+sweep_interval = "{self.sweep_interval}"
+""")
+        os.chmod(self.config_file, 0o644)
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "spoolscan", "--config", str(self.config_file), *args]
+
+    def start_worker(self) -> None:
+        with open(self.worker_log, "ab") as log:
+            self.worker = subprocess.Popen(self.command("run"), stdout=log, stderr=log)
+
+    def kill_worker(self) -> None:
+        assert self.worker is not None
+        self.worker.send_signal(signal.SIGKILL)
+        self.worker.wait()
+        self.worker = None
+
+    def stop_worker(self) -> None:
+        if self.worker is None:
+            return
+        self.worker.send_signal(signal.SIGTERM)
+        try:
+            self.worker.wait(60)
+        except subprocess.TimeoutExpired:
+            self.worker.kill()
+            self.worker.wait()
+            self.notes.append("the worker did not stop on SIGTERM within 60 s")
+        self.worker = None
+
+    def progress(self) -> int:
+        return self.ledger.progress(self.postfix, self.quarantine)
+
+    def wait_progress(self, n: int, timeout: float = 60) -> None:
+        """Until ``n`` messages are acted on (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while self.progress() < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def wait_sent(self, n: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while (len(self.ledger.entries) < n and not self.sending_done.is_set()
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
+
+    def send(self, entry: Entry, timeout: float = 120) -> None:
+        """Send over SMTP; while Postfix is down, try again (as an SMTP client would)."""
+        deadline = time.monotonic() + timeout
+        data = build_message(entry.marker, entry.kind)
+        while True:
+            try:
+                entry.queue_id = self.postfix.send(data, recipients=[f"{RCPT}@spoolscan.test"])
+                return
+            except (OSError, smtplib.SMTPException):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def burst(self, n: int, kinds: Callable[[int], str] | None = None) -> None:
+        kinds = kinds or (lambda i: "infected" if i % 5 == 0 else "clean")
+        try:
+            for i in range(n):
+                self.send(self.ledger.new(kinds(i)))
+        finally:
+            self.sending_done.set()
+
+    def put_in_maildir(self, kind: str) -> Entry:
+        """A message put straight into the recipient's Maildir (not through Postfix)."""
+        entry = self.ledger.new(kind, via="maildir")
+        box = self.postfix.maildir_for(RCPT)
+        for sub in ("tmp", "new", "cur"):
+            (box / sub).mkdir(parents=True, exist_ok=True)
+            os.chown(box / sub, NOBODY_UID, NOBODY_GID)
+        unique = f"{int(time.time())}.M{len(self.ledger.entries)}P{os.getpid()}.faults"
+        tmp = box / "tmp" / unique
+        tmp.write_bytes(build_message(entry.marker, kind))
+        os.chown(tmp, NOBODY_UID, NOBODY_GID)
+        entry.path = box / "new" / unique
+        os.rename(tmp, entry.path)
+        return entry
+
+    def settle(self, timeout: float | None = None) -> bool:
+        deadline = time.monotonic() + (timeout or self.scale.settle)
+        while time.monotonic() < deadline:
+            if self.ledger.settled(self.postfix, self.quarantine):
+                time.sleep(1.0)  # anything late (a second delivery) shows up
+                return True
+            time.sleep(0.25)
+        return False
+
+
+# --------------------------------------------------------------------------- databases
+
+
+@contextlib.contextmanager
+def database(run: Run) -> Iterator[str]:
+    from sqlalchemy import create_engine, text
+
+    from spoolscan.store.db import create_engine_for, upgrade
+
+    if run.db == "sqlite":
+        directory = run.root / "db"
+        if run.row.sqlite_on_tmpfs:
+            run.mount_tmpfs(directory, "3m")
+        directory.mkdir(exist_ok=True)
+        url = f"sqlite:///{directory / 'spoolscan.db'}"
+        engine = create_engine_for(url)
+        upgrade(engine)
+        engine.dispose()
+        user = pwd.getpwnam(WORKER_USER)
+        for path in directory.iterdir():
+            os.chown(path, user.pw_uid, user.pw_gid)
+        yield url
+        return
+    if run.row.private_postgres:
+        from spoolscan.testing.postgres import PrivatePostgres
+
+        pg = PrivatePostgres(Path(f"/tmp/spoolscan-faults-pg-{os.getpid()}-{run.row.name}"))
+        try:
+            pg.init()
+            pg.start()
+        except Exception as exc:
+            pg.destroy()
+            raise Skip(f"cannot run a private PostgreSQL cluster: {exc}") from exc
+        run.pg = pg
+        try:
+            yield pg.create_database()
+        finally:
+            pg.destroy()
+        return
+    name = f"spoolscan_faults_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    try:
+        engine = create_engine_for(url)
+        upgrade(engine)
+        engine.dispose()
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    title: str
+    how: str  # how the fault is injected ({s} and friends: seconds at this scale)
+    inject: Callable[[Run], None]  # runs while the burst is being sent
+    prepare: Callable[[Run], None] | None = None  # before Postfix and the worker start
+    databases: tuple[str, ...] = ("sqlite", "postgresql")
+    not_applicable: str = ""  # why the row does not run on the databases it leaves out
+    sqlite_on_tmpfs: bool = False
+    private_postgres: bool = False
+    own_burst: bool = False  # inject() sends the mail itself
+
+
+def _sigkill(run: Run) -> None:
+    n = run.scale.burst
+    points = sorted(run.rng.sample(range(1, n), 10))
+    run.notes.append(f"seed {run.seed}: SIGKILL after {', '.join(map(str, points))} "
+                     "messages acted on")
+    for point in points:
+        run.wait_progress(point, timeout=30)
+        time.sleep(run.rng.uniform(0, 0.2))
+        run.kill_worker()
+        run.start_worker()
+
+
+def _clamd_stopped(run: Run) -> None:
+    run.wait_sent(run.scale.burst // 3)
+    run.clamd.stop()
+    time.sleep(run.scale.seconds(30))
+    run.clamd.start()
+
+
+def _fake_clamd(reply: bytes | None) -> Callable[[Run], None]:
+    def inject(run: Run) -> None:
+        run.wait_sent(run.scale.burst // 3)
+        fake = FakeClamd(run.root / "clamd" / "fake.sock", reply)
+        try:
+            run.point_clamd_at(fake.path)
+            time.sleep(run.scale.seconds(30))
+            run.point_clamd_at(run.clamd.socket_path)
+        finally:
+            fake.close()
+    return inject
+
+
+def _postgres_restart(run: Run) -> None:
+    run.wait_sent(run.scale.burst // 3)
+    assert run.pg is not None
+    run.pg.stop()
+    time.sleep(run.scale.seconds(10))
+    run.pg.start()
+
+
+def _database_locked(run: Run) -> None:
+    run.wait_sent(run.scale.burst // 3)
+    seconds = run.scale.seconds(10)
+    if run.db == "sqlite":
+        conn = sqlite3.connect(run.db_url[len("sqlite:///"):], timeout=30,
+                               isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("CREATE TABLE IF NOT EXISTS faults_lock (x INTEGER)")
+        time.sleep(seconds)
+        conn.execute("ROLLBACK")
+        conn.close()
+        return
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(run.db_url)
+    with engine.connect() as conn:
+        conn.execute(text("LOCK TABLE messages, scans, actions IN ACCESS EXCLUSIVE MODE"))
+        time.sleep(seconds)
+        conn.rollback()
+    engine.dispose()
+
+
+def _inotify_prepare(run: Run) -> None:
+    if not os.access(INOTIFY_MAX, os.W_OK):
+        raise Skip(f"{INOTIFY_MAX} is not writable here")
+    run.sweep_interval = "1h"  # only the overflow handling can find what was dropped
+
+
+def _inotify_overflow(run: Run) -> None:
+    pass  # the limit is lowered around the worker's start (see run_row)
+
+
+def _fill(directory: Path) -> Path:
+    filler = directory / ".faults-filler"
+    with open(filler, "wb") as f:
+        chunk = b"\0" * 65536
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(chunk)
+                f.flush()
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 512)
+                f.flush()
+    return filler
+
+
+def _quarantine_full_prepare(run: Run) -> None:
+    user = pwd.getpwnam(WORKER_USER)
+    run.mount_tmpfs(run.quarantine, "2m", user.pw_uid, user.pw_gid, 0o700)
+
+
+def _quarantine_full(run: Run) -> None:
+    filler = _fill(run.quarantine)
+    run.notes.append("quarantine store: a 2 MiB tmpfs, filled up")
+    time.sleep(run.scale.seconds(30))
+    filler.unlink()
+
+
+def _quarantine_unwritable(run: Run) -> None:
+    run.wait_sent(2)
+    deadline = time.monotonic() + 30
+    while not run.quarantine.is_dir() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    mode = run.quarantine.stat().st_mode & 0o7777
+    run.quarantine.chmod(0o500)
+    for sub in run.quarantine.iterdir():
+        if sub.is_dir():
+            sub.chmod(0o500)
+    time.sleep(run.scale.seconds(30))
+    for sub in run.quarantine.iterdir():
+        if sub.is_dir():
+            sub.chmod(0o700)
+    run.quarantine.chmod(mode)
+
+
+def _postfix_stopped(run: Run) -> None:
+    run.wait_sent(run.scale.burst // 2)
+    run.postfix.stop()
+    time.sleep(run.scale.seconds(30))
+    run.postfix.start()
+
+
+def _exdev_prepare(run: Run) -> None:
+    box = run.postfix.maildir_for(RCPT)
+    run.mount_tmpfs(box.parent, "32m", NOBODY_UID, NOBODY_GID, 0o700)
+
+
+def _exdev(run: Run) -> None:
+    for i in range(max(3, run.scale.burst // 5)):
+        run.put_in_maildir("infected" if i % 2 == 0 else "clean")
+        time.sleep(0.05)
+
+
+def _disk_full(run: Run) -> None:
+    run.wait_sent(run.scale.burst // 3)
+    filler = _fill(run.root / "db")
+    time.sleep(run.scale.seconds(30))
+    filler.unlink()
+
+
+def _rescan_kill(run: Run) -> None:
+    """Latent mail delivered clean; new signatures; `spoolscan rescan` killed; again."""
+    n = run.scale.burst
+    run.burst(n, lambda i: "latent" if i % 3 == 0 else "clean")
+    run.wait_progress(n, timeout=120)
+    time.sleep(2)  # the Maildir source records what was delivered
+    version = 100 + run.rng.randrange(1000)
+    run.clamd.publish_daily(version, (ndb_line("Spoolscan.Test.Latent", LATENT),))
+    run.stop_worker()  # the rescan is its own process here
+    points = sorted(run.rng.sample(range(1, max(2, n // 3)), min(3, max(1, n // 3 - 1))))
+    run.notes.append(f"seed {run.seed}: daily version {version}; `spoolscan rescan` "
+                     f"SIGKILLed after {', '.join(map(str, points))} retroactive detections")
+    for point in points:
+        with open(run.worker_log, "ab") as log:
+            proc = subprocess.Popen(run.command("rescan", "--all"), stdout=log, stderr=log)
+        deadline = time.monotonic() + 60
+        while (len(Ledger.quarantined(run.quarantine)) < point and proc.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with open(run.worker_log, "ab") as log:
+        subprocess.run(run.command("rescan", "--all"), stdout=log, stderr=log, timeout=300)
+    run.start_worker()
+
+
+ROWS: tuple[Row, ...] = (
+    Row("sigkill", "SIGKILL of the worker at 10 seeded points",
+        "SIGKILL of the `spoolscan run` worker at 10 points of the burst drawn from the "
+        "seed (after k messages were acted on, plus up to 0.2 s), restarted each time",
+        _sigkill),
+    Row("clamd-stopped", "clamd stopped mid-burst, then started",
+        "clamd (SIGTERM) stopped after a third of the burst was sent, started again "
+        "{s30} s later", _clamd_stopped),
+    Row("clamd-garbage", "clamd answering garbage",
+        "the clamd socket swapped for a server answering every command with garbage "
+        "bytes for {s30} s, then back", _fake_clamd(b"\x00\xffGARBAGE: \x1b[31m ??? FOUNDX")),
+    Row("clamd-silent", "clamd accepting and never answering",
+        "the clamd socket swapped for a server that accepts and never answers for "
+        "{s30} s, then back", _fake_clamd(None)),
+    Row("postgres-restart", "PostgreSQL restarted mid-burst",
+        "the worker's own PostgreSQL cluster stopped (pg_ctl -m fast) after a third of the "
+        "burst was sent, started {s10} s later", _postgres_restart,
+        databases=("postgresql",), private_postgres=True,
+        not_applicable="SQLite has no server to restart (see database-locked)"),
+    Row("database-locked", "the database locked by another writer",
+        "another connection holds the database for {s10} s: SQLite `BEGIN EXCLUSIVE`, "
+        "PostgreSQL `LOCK TABLE messages, scans, actions IN ACCESS EXCLUSIVE MODE`",
+        _database_locked),
+    Row("inotify-overflow", "inotify queue overflow",
+        f"{INOTIFY_MAX.name} lowered to 8 while the worker starts its watches (restored "
+        "after), full sweeps every hour only: the burst overflows the queue",
+        _inotify_overflow, prepare=_inotify_prepare),
+    Row("quarantine-full", "quarantine store full",
+        "the quarantine store is a 2 MiB tmpfs, filled to the last byte for {s30} s "
+        "from the start of the burst", _quarantine_full, prepare=_quarantine_full_prepare),
+    Row("quarantine-unwritable", "quarantine store unwritable",
+        "the quarantine directory (and its day directories) chmod 0500 for {s30} s",
+        _quarantine_unwritable),
+    Row("postfix-stopped", "Postfix stopped while spoolscan releases",
+        "`postfix stop` after half of the burst was sent (postsuper/postqueue fail, SMTP "
+        "refused: the sender retries), `postfix start` {s30} s later", _postfix_stopped),
+    Row("maildir-exdev", "a Maildir on another filesystem than the quarantine store",
+        "the recipient's mailbox is a tmpfs, the quarantine store on the root filesystem: "
+        "infected messages put straight into the Maildir are moved across filesystems",
+        _exdev, prepare=_exdev_prepare),
+    Row("sqlite-disk-full", "the disk of the SQLite file full",
+        "the SQLite file on a 3 MiB tmpfs, filled to the last byte after a third of the "
+        "burst was sent, freed {s30} s later", _disk_full, databases=("sqlite",),
+        sqlite_on_tmpfs=True,
+        not_applicable="PostgreSQL's disk belongs to the database server"),
+    Row("rescan-sigkill", "SIGKILL during a rescan after a signature update",
+        "a third of the burst carries a pattern unknown to clamd (delivered clean); new "
+        "signatures published (daily.cud, RELOAD); `spoolscan rescan --all` SIGKILLed "
+        "after seeded numbers of retroactive quarantines, run again to the end",
+        _rescan_kill, own_burst=True),
+)
+ROW_NAMES = tuple(r.name for r in ROWS)
+
+
+def row(name: str) -> Row:
+    return next(r for r in ROWS if r.name == name)
+
+
+@dataclass
+class Result:
+    row: Row
+    db: str
+    counts: Counts | None
+    skipped: str = ""
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    settled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.skipped) or (self.counts is not None and self.counts.ok)
+
+
+def describe(row: Row, scale: Scale) -> str:
+    return row.how.format(s30=f"{scale.seconds(30):g}", s10=f"{scale.seconds(10):g}")
+
+
+def run_row(row: Row, db: str, workdir: Path, clamd: ClamdInstance, scale: Scale = SHORT,
+            seed: int = 12) -> Result:
+    """Run ``row`` on ``db`` (sqlite | postgresql); the ledger's counts."""
+    started = time.monotonic()
+    root = workdir / f"{row.name}-{db}"
+    root.mkdir(parents=True)
+    root.chmod(0o755)
+    (root / "clamd").mkdir()
+    run = Run(row, db, root, clamd, scale, seed)
+    run.point_clamd_at(clamd.socket_path)
+    result = Result(row, db, None)
+    sender: threading.Thread | None = None
+    try:
+        if row.prepare is not None:
+            row.prepare(run)
+        with database(run) as url:
+            run.db_url = url
+            run.write_config()
+            run.postfix.start()
+            if row.name == "inotify-overflow":
+                old = INOTIFY_MAX.read_text().strip()
+                INOTIFY_MAX.write_text("8\n")
+                try:
+                    run.start_worker()
+                    time.sleep(3)  # its watches are made with the low limit
+                finally:
+                    INOTIFY_MAX.write_text(old + "\n")
+                run.notes.append(f"{INOTIFY_MAX}: {old} -> 8 -> {old}")
+            else:
+                run.start_worker()
+            if not row.own_burst:
+                sender = threading.Thread(target=run.burst, args=(scale.burst,), daemon=True)
+                sender.start()
+            row.inject(run)
+            if sender is not None:
+                sender.join(300)
+            result.settled = run.settle()
+            run.stop_worker()
+            result.counts = run.ledger.classify(run.postfix, run.quarantine, url)
+            if not result.settled:
+                run.notes.append(f"not settled after {scale.settle:g} s")
+    except Skip as exc:
+        result.skipped = str(exc)
+    finally:
+        with contextlib.suppress(Exception):
+            run.stop_worker()
+        with contextlib.suppress(Exception):
+            run.postfix.stop()
+        if not clamd.ping():
+            clamd.start()
+        for cleanup in reversed(run.cleanups):
+            with contextlib.suppress(Exception):
+                cleanup()
+    result.notes = run.notes
+    result.seconds = time.monotonic() - started
+    return result
+
+
+# --------------------------------------------------------------------------- the report
+
+FUZZING = """\
+## Fuzzing (hostile bytes)
+
+`make fuzz` runs the parsers of untrusted input on random examples (Hypothesis); the
+figures of the last run on this machine:
+
+| target | examples | examples/s |
+|---|---:|---:|
+| queue file, mutated | 100,000 | 207 |
+| queue file, random bytes | 100,000 | 894 |
+| file names | 100,000 | 898 |
+| content hash | 100,000 | 519 |
+| clamd replies | 100,000 | 956 |
+| header values | 20,000 | — |
+
+What the parsers must withstand and why is in [security.md](security.md).
+"""
+
+
+def machine() -> str:
+    cpus = os.cpu_count()
+    mem = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = f", {int(line.split()[1]) // 1024 // 1024 + 1} GiB RAM"
+    pf = subprocess.run(["postconf", "-d", "-h", "mail_version"], capture_output=True,
+                        text=True).stdout.strip()
+    clamd = subprocess.run(["clamd", "--version"], capture_output=True, text=True)
+    return (f"{platform.system()} {platform.release()} {platform.machine()}, {cpus} CPUs{mem}; "
+            f"Python {platform.python_version()}, Postfix {pf}, "
+            f"{clamd.stdout.strip().split('/')[0] or 'clamd'}")
+
+
+def report(results: list[Result], scale: Scale, seed: int, started: str) -> str:
+    out = [
+        "# Reliability: the fault matrix",
+        "",
+        "Generated by `make faults` (`bench/faults`) — do not edit by hand.",
+        "",
+        f"- date: {started}",
+        f"- machine: {machine()}",
+        f"- load: {scale.burst} messages per row sent over SMTP to a private Postfix that "
+        "holds everything (every fifth one carries EICAR), `spoolscan run` working on the "
+        "hold queue and on the Maildirs Postfix delivers to; fault durations × "
+        f"{scale.factor:g} of the issue's; seed {seed}",
+        "- the ledger: every message sent is looked for in Postfix's log (delivered, by "
+        "queue ID), in the quarantine store, in Postfix's queues and in the Maildirs, and "
+        "in the store (a clean verdict for what was delivered; a visible reason for what "
+        "is still held). *held* counts only messages held with a reason in the store; "
+        "anything else not delivered or quarantined is *lost*.",
+        "",
+        "| row | db | sent | delivered | quarantined | held | lost | infected delivered "
+        "| duplicated | released unscanned | time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if r.skipped or r.counts is None:
+            out.append(f"| {r.row.name} | {r.db} | skipped: {r.skipped or 'no result'} "
+                       "| | | | | | | | |")
+            continue
+        c = r.counts
+        out.append(f"| {r.row.name} | {r.db} | {c.sent} | {c.delivered} | {c.quarantined} "
+                   f"| {c.held} | {c.lost} | {c.infected_delivered} | {c.duplicated} "
+                   f"| {c.released_unscanned} | {r.seconds:.0f} s |")
+    out += ["", "## The rows", ""]
+    for row_ in ROWS:
+        out.append(f"- **{row_.name}** — {row_.title}: {describe(row_, scale)}."
+                   + (f" Runs on {', '.join(row_.databases)} only: {row_.not_applicable}."
+                      if row_.not_applicable else ""))
+        for r in results:
+            if r.row is row_ and (r.notes or (r.counts and r.counts.problems)):
+                detail = "; ".join(r.notes + (r.counts.problems[:5] if r.counts else []))
+                out.append(f"  - {r.db}: {detail}")
+    out += ["", FUZZING]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,39 @@
+"""The fault matrix, short version: every row on SQLite and PostgreSQL with a small burst
+and faults of a few seconds (``make faults`` runs the issue's durations and writes
+docs/reliability.md).  See ``spoolscan.testing.faults``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spoolscan.testing import faults
+from spoolscan.testing.clamd import ClamdInstance
+
+CASES = [(r.name, db) for r in faults.ROWS for db in r.databases]
+
+
+@pytest.fixture(scope="module")
+def matrix_clamd(tmp_path_factory: pytest.TempPathFactory):
+    """A clamd of the matrix's own: rows stop it, replace its signatures."""
+    root = tmp_path_factory.mktemp("faults-clamd")
+    root.chmod(0o755)
+    instance = ClamdInstance(root)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.mark.parametrize(("name", "db"), CASES, ids=[f"{n}-{d}" for n, d in CASES])
+def test_fault_row_loses_nothing(name: str, db: str, matrix_clamd: ClamdInstance,
+                                 tmp_path: Path) -> None:
+    result = faults.run_row(faults.row(name), db, tmp_path / "matrix", matrix_clamd,
+                            faults.SHORT)
+    if result.skipped:
+        pytest.skip(result.skipped)
+    c = result.counts
+    assert c is not None
+    assert (c.lost, c.infected_delivered, c.duplicated, c.released_unscanned) == \
+        (0, 0, 0, 0), (c, result.notes, c.problems[:10])
+    assert c.delivered + c.quarantined + c.held >= c.sent, c
