@@ -293,7 +293,8 @@ class Worker:
 
     def _interrupted_quarantines(self, source: Source, items: list[Pending]) -> dict[int, str]:
         """Messages whose last action is a quarantine left pending (the worker died while
-        acting) with its copy complete in the store: message ID -> that copy's path."""
+        acting) or failed after the copy was made (postsuper could not remove the held
+        message), its copy complete in the store: message ID -> that copy's path."""
         if not items:
             return {}
         try:
@@ -305,7 +306,8 @@ class Worker:
         for message_id, row in last.items():
             path = row.get("quarantine_path")
             if (row.get("action") == Action.QUARANTINE
-                    and row.get("outcome") == ActionOutcome.PENDING and path
+                    and row.get("outcome") in (ActionOutcome.PENDING, ActionOutcome.FAILED)
+                    and path
                     and source.quarantine_store.exists(path)):
                 found[message_id] = path
         return found
@@ -328,8 +330,9 @@ class Worker:
             for p in quarantining:
                 p.target = source.quarantine_target(p)
                 if p.target is not None and p.message_id in earlier:
-                    # A copy made by an attempt killed before it finished: finish that
-                    # one (put() keeps a complete copy) rather than make a second.
+                    # A copy made by an attempt that did not finish (killed, postsuper
+                    # failed): finish that one (put() keeps a complete copy) rather than
+                    # make another.
                     p.target = earlier[p.message_id]
             # Write the intent first: if we die while acting, the restart finds a pending
             # action for a message that is no longer where it was, and knows why (and,

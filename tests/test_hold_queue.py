@@ -362,11 +362,13 @@ def test_hashed_hold_directories_are_watched(config, store, postfix):
     assert any(p.is_dir() for p in (postfix.queue_dir / "hold").iterdir())
 
 
-def test_a_quarantine_killed_after_its_copy_is_finished_not_copied_again(config, store,
-                                                                          postfix):
-    """SIGKILL between the copy into the quarantine store and `postsuper -d` (the fault
-    matrix's sigkill row found it): the restart scans the message again and must finish
-    that copy, not make a second one under the new scan's name."""
+@pytest.mark.parametrize("outcome", ["pending", "failed"])
+def test_an_unfinished_quarantine_is_finished_not_copied_again(config, store, postfix,
+                                                               outcome):
+    """SIGKILL between the copy into the quarantine store and `postsuper -d` (pending), or
+    `postsuper -d` failing while Postfix is stopped (failed) — the fault matrix's sigkill
+    and postfix-stopped rows: the next attempt scans the message again and must finish
+    that copy, not make another one under the new scan's name."""
     import io
 
     from spoolscan.model import ActionOutcome
@@ -386,7 +388,7 @@ def test_a_quarantine_killed_after_its_copy_is_finished_not_copied_again(config,
     qstore.prepare()
     path = qstore.path_for(stored.message_id, stored.scan_id)
     store.record_actions([ActionRecord(stored.message_id, stored.scan_id, "quarantine",
-                                       ActionOutcome.PENDING, "infected",
+                                       ActionOutcome(outcome), "infected",
                                        quarantine_path=path)])
     qstore.put(path, io.BytesIO(postfix.held_path(qid).read_bytes()), {"queue_id": qid})
 
