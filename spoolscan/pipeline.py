@@ -159,6 +159,8 @@ class Worker:
         self._slots = threading.BoundedSemaphore(OPEN_LIMIT)
         self._keys: set[tuple[str, str]] = set()
         self._keys_lock = threading.Lock()
+        # Jobs that ended with nothing stored: handed over again once out of the pipeline.
+        self._unrecorded: list[Outcome] = []
         self._stopping = threading.Event()  # no new jobs accepted
         self._stop_requested = threading.Event()  # SIGTERM: cut sweeps short
         self._halt = threading.Event()  # loops exit once drained
@@ -238,6 +240,7 @@ class Worker:
                 for outcome in batch:
                     self._forget((outcome.job.info.source, outcome.job.info.identity))
                     self._slots.release()
+                self._hand_over_again()
 
     # --- verdict → store → action → store --------------------------------------------
 
@@ -433,8 +436,15 @@ class Worker:
             log.debug("cannot flag %s", name, exc_info=True)
 
     def _not_recorded(self, outcomes: list[Outcome]) -> None:
-        """Nothing was stored for these: let the next sweep hand them over again."""
-        for o in outcomes:
+        """Nothing was stored for these: let the next sweep hand them over again, once
+        they have left the pipeline (``_commit_loop``).  Forgotten earlier, a sweep in
+        between would claim them again and have its job refused as a duplicate, and the
+        claim would then keep them from every sweep for ``HANDED_WINDOW``."""
+        self._unrecorded.extend(outcomes)
+
+    def _hand_over_again(self) -> None:
+        unrecorded, self._unrecorded = self._unrecorded, []
+        for o in unrecorded:
             source = self.sources.get(o.info.source)
             if source is not None:
                 source.handed.forget(o.info.identity)

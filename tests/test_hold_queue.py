@@ -400,3 +400,30 @@ def test_an_unfinished_quarantine_is_finished_not_copied_again(config, store, po
         done = conn.execute(text("SELECT quarantine_path FROM actions WHERE outcome = 'ok' "
                                  "AND action = 'quarantine'")).scalars().all()
     assert done == [path]
+
+
+def test_mail_flows_as_soon_as_a_database_outage_ends(config, store, postfix):
+    """Verdicts that cannot be recorded (SQLite's disk full) while sweeps keep running:
+    once the database takes writes again the mail flows at the next sweep.  The fault
+    matrix's sqlite-disk-full row found it kept from every sweep for HANDED_WINDOW (10
+    minutes): a sweep during the outage claimed it again while it was still in the
+    pipeline, and the pipeline refused the job as a duplicate."""
+    from sqlalchemy.exc import OperationalError
+
+    cfg = hold_config(config, postfix)  # sweeps every 0.5 s
+    for i in range(3):
+        postfix.send(message(subject=f"outage {i}"), recipients=[RCPT])
+    postfix.wait_held(3)
+    worker = build_worker(cfg, store)
+    real = worker.store.record_scans
+
+    def full(records, plan=None):
+        raise OperationalError("INSERT", {}, Exception("database or disk is full"))
+
+    worker.store.record_scans = full  # type: ignore[method-assign]
+    with running(worker):
+        time.sleep(3)  # several failed commits, several sweeps
+        assert len(postfix.held_ids()) == 3
+        worker.store.record_scans = real  # type: ignore[method-assign]
+        wait_until(lambda: len(postfix.delivered("rcpt")) == 3, timeout=20)
+    assert postfix.held_ids() == []
