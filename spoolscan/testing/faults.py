@@ -347,6 +347,10 @@ class Run:
         self.sweep_interval = "1s"
         self.pg = None  # a PrivatePostgres when the row needs one
         self.sending_done = threading.Event()
+        self.restarts = 0  # the worker exited with an error and was started again
+        self._worker_lock = threading.Lock()
+        self._finished = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     # --- the pieces --------------------------------------------------------------
 
@@ -418,26 +422,58 @@ sweep_interval = "{self.sweep_interval}"
         return [sys.executable, "-m", "spoolscan", "--config", str(self.config_file), *args]
 
     def start_worker(self) -> None:
-        with open(self.worker_log, "ab") as log:
+        with self._worker_lock, open(self.worker_log, "ab") as log:
             self.worker = subprocess.Popen(self.command("run"), stdout=log, stderr=log)
+        if self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._supervise, daemon=True)
+            self._supervisor.start()
+
+    def _supervise(self) -> None:
+        """What systemd does for spoolscan.service (Restart=on-failure, RestartSec=5,
+        scaled): a worker that exits with an error is started again."""
+        while not self._finished.wait(0.2):
+            with self._worker_lock:
+                proc = self.worker
+                if proc is None or proc.poll() is None or proc.returncode == 0:
+                    continue
+                self.worker = None
+            self.restarts += 1
+            self._finished.wait(self.scale.seconds(5))
+            if not self._finished.is_set():
+                self.start_worker()
 
     def kill_worker(self) -> None:
-        assert self.worker is not None
-        self.worker.send_signal(signal.SIGKILL)
-        self.worker.wait()
-        self.worker = None
+        with self._worker_lock:
+            proc, self.worker = self.worker, None
+        if proc is not None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+    def wait_working(self, sent: int, timeout: float = 60) -> None:
+        """Until the worker acted on a message and ``sent`` messages were sent."""
+        self.wait_progress(1, timeout)
+        self.wait_sent(sent, timeout)
 
     def stop_worker(self) -> None:
-        if self.worker is None:
+        """SIGTERM (and no restart): what `systemctl stop` does."""
+        self._finished.set()
+        with self._worker_lock:
+            proc, self.worker = self.worker, None
+        if proc is None:
             return
-        self.worker.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
         try:
-            self.worker.wait(60)
+            proc.wait(60)
         except subprocess.TimeoutExpired:
-            self.worker.kill()
-            self.worker.wait()
+            proc.kill()
+            proc.wait()
             self.notes.append("the worker did not stop on SIGTERM within 60 s")
-        self.worker = None
+        if proc.returncode not in (0, -signal.SIGKILL):
+            self.notes.append(f"the worker exited with {proc.returncode} on SIGTERM")
+
+    def resume_supervision(self) -> None:
+        self._finished.clear()
+        self._supervisor = None
 
     def progress(self) -> int:
         return self.ledger.progress(self.postfix, self.quarantine)
@@ -479,9 +515,6 @@ sweep_interval = "{self.sweep_interval}"
         """A message put straight into the recipient's Maildir (not through Postfix)."""
         entry = self.ledger.new(kind, via="maildir")
         box = self.postfix.maildir_for(RCPT)
-        for sub in ("tmp", "new", "cur"):
-            (box / sub).mkdir(parents=True, exist_ok=True)
-            os.chown(box / sub, NOBODY_UID, NOBODY_GID)
         unique = f"{int(time.time())}.M{len(self.ledger.entries)}P{os.getpid()}.faults"
         tmp = box / "tmp" / unique
         tmp.write_bytes(build_message(entry.marker, kind))
@@ -585,7 +618,7 @@ def _sigkill(run: Run) -> None:
 
 
 def _clamd_stopped(run: Run) -> None:
-    run.wait_sent(run.scale.burst // 3)
+    run.wait_working(run.scale.burst // 3)
     run.clamd.stop()
     time.sleep(run.scale.seconds(30))
     run.clamd.start()
@@ -593,7 +626,7 @@ def _clamd_stopped(run: Run) -> None:
 
 def _fake_clamd(reply: bytes | None) -> Callable[[Run], None]:
     def inject(run: Run) -> None:
-        run.wait_sent(run.scale.burst // 3)
+        run.wait_working(run.scale.burst // 3)
         fake = FakeClamd(run.root / "clamd" / "fake.sock", reply)
         try:
             run.point_clamd_at(fake.path)
@@ -605,7 +638,7 @@ def _fake_clamd(reply: bytes | None) -> Callable[[Run], None]:
 
 
 def _postgres_restart(run: Run) -> None:
-    run.wait_sent(run.scale.burst // 3)
+    run.wait_working(run.scale.burst // 3)
     assert run.pg is not None
     run.pg.stop()
     time.sleep(run.scale.seconds(10))
@@ -613,7 +646,7 @@ def _postgres_restart(run: Run) -> None:
 
 
 def _database_locked(run: Run) -> None:
-    run.wait_sent(run.scale.burst // 3)
+    run.wait_working(run.scale.burst // 3)
     seconds = run.scale.seconds(10)
     if run.db == "sqlite":
         conn = sqlite3.connect(run.db_url[len("sqlite:///"):], timeout=30,
@@ -641,21 +674,32 @@ def _inotify_prepare(run: Run) -> None:
 
 
 def _inotify_overflow(run: Run) -> None:
-    pass  # the limit is lowered around the worker's start (see run_row)
+    """The worker stopped (SIGSTOP) while the burst lands: far more events than the
+    lowered queue holds; then SIGCONT."""
+    assert run.worker is not None
+    run.worker.send_signal(signal.SIGSTOP)
+    try:
+        run.sending_done.wait(300)
+        time.sleep(0.5)
+    finally:
+        run.worker.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if b"inotify events were lost" in run.worker_log.read_bytes():
+            run.notes.append("the worker logged the overflow and swept hold/")
+            return
+        time.sleep(0.1)
+    run.notes.append("no overflow logged by the worker")
 
 
 def _fill(directory: Path) -> Path:
+    """Write a file in ``directory`` until its filesystem has no byte left."""
     filler = directory / ".faults-filler"
-    with open(filler, "wb") as f:
-        chunk = b"\0" * 65536
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(chunk)
-                f.flush()
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 512)
-                f.flush()
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as f:
+        for size in (1 << 20, 65536, 4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * size)
     return filler
 
 
@@ -672,24 +716,23 @@ def _quarantine_full(run: Run) -> None:
 
 
 def _quarantine_unwritable(run: Run) -> None:
-    run.wait_sent(2)
-    deadline = time.monotonic() + 30
-    while not run.quarantine.is_dir() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    mode = run.quarantine.stat().st_mode & 0o7777
-    run.quarantine.chmod(0o500)
-    for sub in run.quarantine.iterdir():
-        if sub.is_dir():
-            sub.chmod(0o500)
-    time.sleep(run.scale.seconds(30))
-    for sub in run.quarantine.iterdir():
-        if sub.is_dir():
-            sub.chmod(0o700)
-    run.quarantine.chmod(mode)
+    """A read-only bind mount over the quarantine store: EROFS for root too (the helper
+    and the worker alike)."""
+    run.wait_progress(1)
+    q = str(run.quarantine)
+    for args in (["--bind", q, q], ["-o", "remount,ro,bind", q]):
+        result = subprocess.run(["mount", *args], capture_output=True, text=True)
+        if result.returncode != 0:
+            subprocess.run(["umount", "-l", q], capture_output=True)
+            raise Skip(f"cannot make a read-only bind mount: {result.stderr.strip()}")
+    try:
+        time.sleep(run.scale.seconds(30))
+    finally:
+        subprocess.run(["umount", q], capture_output=True, check=True)
 
 
 def _postfix_stopped(run: Run) -> None:
-    run.wait_sent(run.scale.burst // 2)
+    run.wait_working(run.scale.burst // 2)
     run.postfix.stop()
     time.sleep(run.scale.seconds(30))
     run.postfix.start()
@@ -698,6 +741,9 @@ def _postfix_stopped(run: Run) -> None:
 def _exdev_prepare(run: Run) -> None:
     box = run.postfix.maildir_for(RCPT)
     run.mount_tmpfs(box.parent, "32m", NOBODY_UID, NOBODY_GID, 0o700)
+    for path in (box, box / "tmp", box / "new", box / "cur"):  # as virtual(8) makes it
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.chown(path, NOBODY_UID, NOBODY_GID)
 
 
 def _exdev(run: Run) -> None:
@@ -707,8 +753,11 @@ def _exdev(run: Run) -> None:
 
 
 def _disk_full(run: Run) -> None:
-    run.wait_sent(run.scale.burst // 3)
+    run.wait_working(run.scale.burst // 3)
     filler = _fill(run.root / "db")
+    st = os.statvfs(filler)
+    run.notes.append(f"the SQLite file's tmpfs filled ({st.f_bavail * st.f_frsize} bytes "
+                     "left)")
     time.sleep(run.scale.seconds(30))
     filler.unlink()
 
@@ -737,6 +786,7 @@ def _rescan_kill(run: Run) -> None:
         proc.wait()
     with open(run.worker_log, "ab") as log:
         subprocess.run(run.command("rescan", "--all"), stdout=log, stderr=log, timeout=300)
+    run.resume_supervision()
     run.start_worker()
 
 
@@ -765,13 +815,15 @@ ROWS: tuple[Row, ...] = (
         _database_locked),
     Row("inotify-overflow", "inotify queue overflow",
         f"{INOTIFY_MAX.name} lowered to 8 while the worker starts its watches (restored "
-        "after), full sweeps every hour only: the burst overflows the queue",
+        "after); full sweeps every hour only; the worker SIGSTOPped while the whole burst "
+        "lands (its events overflow the queue), then SIGCONT",
         _inotify_overflow, prepare=_inotify_prepare),
     Row("quarantine-full", "quarantine store full",
         "the quarantine store is a 2 MiB tmpfs, filled to the last byte for {s30} s "
         "from the start of the burst", _quarantine_full, prepare=_quarantine_full_prepare),
     Row("quarantine-unwritable", "quarantine store unwritable",
-        "the quarantine directory (and its day directories) chmod 0500 for {s30} s",
+        "a read-only bind mount over the quarantine store (EROFS, root included) for "
+        "{s30} s once the first message was acted on",
         _quarantine_unwritable),
     Row("postfix-stopped", "Postfix stopped while spoolscan releases",
         "`postfix stop` after half of the burst was sent (postsuper/postqueue fail, SMTP "
@@ -858,6 +910,9 @@ def run_row(row: Row, db: str, workdir: Path, clamd: ClamdInstance, scale: Scale
             result.counts = run.ledger.classify(run.postfix, run.quarantine, url)
             if not result.settled:
                 run.notes.append(f"not settled after {scale.settle:g} s")
+            if run.restarts:
+                run.notes.append(f"the worker exited with an error {run.restarts} time(s) "
+                                 "and was started again (as systemd's Restart=on-failure)")
     except Skip as exc:
         result.skipped = str(exc)
     finally:
