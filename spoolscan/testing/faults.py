@@ -311,15 +311,17 @@ class FakeClamd:
 @dataclass
 class Scale:
     burst: int  # messages per row
-    factor: float  # fault durations: the seconds × factor
+    factor: float  # fault durations: the seconds × factor (at least 1 s)
     settle: float  # seconds to wait for the mail to settle after the fault
+    kills: int = 10  # SIGKILLs in the sigkill row
+    retry_delay: float = 0.25  # [policy] retry_delay of the worker
 
     def seconds(self, full: float) -> float:
         return max(1.0, full * self.factor)
 
 
-SHORT = Scale(burst=30, factor=0.1, settle=60)
-FULL = Scale(burst=200, factor=1.0, settle=300)
+SHORT = Scale(burst=20, factor=0.05, settle=60, kills=4, retry_delay=0.1)
+FULL = Scale(burst=200, factor=1.0, settle=300, kills=10, retry_delay=0.25)
 
 
 class Skip(Exception):
@@ -398,7 +400,7 @@ directory = "{self.quarantine}"
 [policy]
 local_domains = ["spoolscan.test"]
 max_attempts = 8
-retry_delay = 0.25
+retry_delay = {self.scale.retry_delay}
 
 [privileges]
 user = "{WORKER_USER}"
@@ -468,7 +470,7 @@ sweep_interval = "{self.sweep_interval}"
             proc.kill()
             proc.wait()
             self.notes.append("the worker did not stop on SIGTERM within 60 s")
-        if proc.returncode not in (0, -signal.SIGKILL):
+        if proc.returncode not in (0, -signal.SIGTERM):  # -SIGTERM: still starting
             self.notes.append(f"the worker exited with {proc.returncode} on SIGTERM")
 
     def resume_supervision(self) -> None:
@@ -527,7 +529,7 @@ sweep_interval = "{self.sweep_interval}"
         deadline = time.monotonic() + (timeout or self.scale.settle)
         while time.monotonic() < deadline:
             if self.ledger.settled(self.postfix, self.quarantine):
-                time.sleep(1.0)  # anything late (a second delivery) shows up
+                time.sleep(0.5)  # anything late (a second delivery) shows up
                 return True
             time.sleep(0.25)
         return False
@@ -607,7 +609,7 @@ class Row:
 
 def _sigkill(run: Run) -> None:
     n = run.scale.burst
-    points = sorted(run.rng.sample(range(1, n), 10))
+    points = sorted(run.rng.sample(range(1, n), run.scale.kills))
     run.notes.append(f"seed {run.seed}: SIGKILL after {', '.join(map(str, points))} "
                      "messages acted on")
     for point in points:
@@ -791,8 +793,8 @@ def _rescan_kill(run: Run) -> None:
 
 
 ROWS: tuple[Row, ...] = (
-    Row("sigkill", "SIGKILL of the worker at 10 seeded points",
-        "SIGKILL of the `spoolscan run` worker at 10 points of the burst drawn from the "
+    Row("sigkill", "SIGKILL of the worker at seeded points",
+        "SIGKILL of the `spoolscan run` worker at {kills} points of the burst drawn from the "
         "seed (after k messages were acted on, plus up to 0.2 s), restarted each time",
         _sigkill),
     Row("clamd-stopped", "clamd stopped mid-burst, then started",
@@ -866,7 +868,8 @@ class Result:
 
 
 def describe(row: Row, scale: Scale) -> str:
-    return row.how.format(s30=f"{scale.seconds(30):g}", s10=f"{scale.seconds(10):g}")
+    return row.how.format(s30=f"{scale.seconds(30):g}", s10=f"{scale.seconds(10):g}",
+                          kills=scale.kills)
 
 
 def run_row(row: Row, db: str, workdir: Path, clamd: ClamdInstance, scale: Scale = SHORT,
