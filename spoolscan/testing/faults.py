@@ -353,6 +353,8 @@ class Run:
         self._worker_lock = threading.Lock()
         self._finished = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self.phases: dict[str, float] = {}
+        self._phase_at = time.monotonic()
 
     # --- the pieces --------------------------------------------------------------
 
@@ -476,6 +478,20 @@ sweep_interval = "{self.sweep_interval}"
     def resume_supervision(self) -> None:
         self._finished.clear()
         self._supervisor = None
+
+    def phase(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name] = round(now - self._phase_at, 2)
+        self._phase_at = now
+
+    def wait_log(self, text: bytes, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if text in self.worker_log.read_bytes():
+                    return True
+            time.sleep(0.05)
+        return False
 
     def progress(self) -> int:
         return self.ledger.progress(self.postfix, self.quarantine)
@@ -764,13 +780,26 @@ def _disk_full(run: Run) -> None:
     filler.unlink()
 
 
+def reset_signatures(clamd: ClamdInstance) -> None:
+    """Back to the base test database (no daily.cud), reloaded."""
+    if not (clamd.db_dir / "daily.cud").exists():
+        return
+    (clamd.db_dir / "daily.cud").unlink()
+    clamd.write_database()
+    clamd.command(b"RELOAD")
+    deadline = time.monotonic() + 30
+    while b"/" in clamd.command(b"VERSION") and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def _rescan_kill(run: Run) -> None:
     """Latent mail delivered clean; new signatures; `spoolscan rescan` killed; again."""
+    reset_signatures(run.clamd)  # an earlier run of the row published the new ones
     n = run.scale.burst
     run.burst(n, lambda i: "latent" if i % 3 == 0 else "clean")
     run.wait_progress(n, timeout=120)
     time.sleep(2)  # the Maildir source records what was delivered
-    version = 100 + run.rng.randrange(1000)
+    version = 1000 + int(time.time()) % 100000
     run.clamd.publish_daily(version, (ndb_line("Spoolscan.Test.Latent", LATENT),))
     run.stop_worker()  # the rescan is its own process here
     points = sorted(run.rng.sample(range(1, max(2, n // 3)), min(3, max(1, n // 3 - 1))))
@@ -861,6 +890,7 @@ class Result:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     settled: bool = False
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -890,13 +920,15 @@ def run_row(row: Row, db: str, workdir: Path, clamd: ClamdInstance, scale: Scale
         with database(run) as url:
             run.db_url = url
             run.write_config()
+            run.phase("database")
             run.postfix.start()
+            run.phase("postfix start")
             if row.name == "inotify-overflow":
                 old = INOTIFY_MAX.read_text().strip()
                 INOTIFY_MAX.write_text("8\n")
                 try:
                     run.start_worker()
-                    time.sleep(3)  # its watches are made with the low limit
+                    run.wait_log(b"postfix: watching", 30)  # made with the low limit
                 finally:
                     INOTIFY_MAX.write_text(old + "\n")
                 run.notes.append(f"{INOTIFY_MAX}: {old} -> 8 -> {old}")
@@ -905,11 +937,15 @@ def run_row(row: Row, db: str, workdir: Path, clamd: ClamdInstance, scale: Scale
             if not row.own_burst:
                 sender = threading.Thread(target=run.burst, args=(scale.burst,), daemon=True)
                 sender.start()
+            run.phase("worker start")
             row.inject(run)
+            run.phase("fault")
             if sender is not None:
                 sender.join(300)
             result.settled = run.settle()
+            run.phase("settle")
             run.stop_worker()
+            run.phase("worker stop")
             result.counts = run.ledger.classify(run.postfix, run.quarantine, url)
             if not result.settled:
                 run.notes.append(f"not settled after {scale.settle:g} s")
@@ -928,8 +964,10 @@ def run_row(row: Row, db: str, workdir: Path, clamd: ClamdInstance, scale: Scale
         for cleanup in reversed(run.cleanups):
             with contextlib.suppress(Exception):
                 cleanup()
+    run.phase("clean-up")
     result.notes = run.notes
     result.seconds = time.monotonic() - started
+    result.phases = run.phases
     return result
 
 
