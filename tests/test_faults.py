@@ -13,6 +13,7 @@ from conftest import allow_traversal
 
 from spoolscan.testing import faults
 from spoolscan.testing.clamd import ClamdInstance
+from spoolscan.testing.postfix import PostfixInstance
 
 CASES = [(r.name, db) for r in faults.ROWS for db in r.databases]
 
@@ -28,12 +29,26 @@ def matrix_clamd(tmp_path_factory: pytest.TempPathFactory):
     instance.stop()
 
 
+@pytest.fixture(scope="module")
+def matrix_postfix():
+    """One Postfix for the rows (a mailbox and a stretch of the log each): starting one
+    per row would double the time the matrix adds to the suite.  A short directory:
+    Postfix's sockets live under it (108 bytes at most)."""
+    root = Path(tempfile.mkdtemp(prefix="ssf-pf-", dir="/tmp"))
+    instance = PostfixInstance(root / "pf", mailboxes=())
+    instance.start()
+    yield instance
+    instance.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.mark.parametrize(("name", "db"), CASES, ids=[f"{n}-{d}" for n, d in CASES])
-def test_fault_row_loses_nothing(name: str, db: str, matrix_clamd: ClamdInstance) -> None:
-    # A short directory: Postfix's sockets live under it (108 bytes at most).
+def test_fault_row_loses_nothing(name: str, db: str, matrix_clamd: ClamdInstance,
+                                 matrix_postfix: PostfixInstance) -> None:
     work = Path(tempfile.mkdtemp(prefix="ssf-", dir="/tmp"))
     try:
-        result = faults.run_row(faults.row(name), db, work, matrix_clamd, faults.SHORT)
+        result = faults.run_row(faults.row(name), db, work, matrix_clamd, faults.SHORT,
+                                postfix=matrix_postfix)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if result.skipped:

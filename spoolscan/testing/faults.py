@@ -47,7 +47,6 @@ from spoolscan.testing.clamd import EICAR, ClamdInstance, ndb_line
 from spoolscan.testing.postfix import NOBODY_GID, NOBODY_UID, PostfixInstance
 
 WORKER_USER = "spoolscan"
-RCPT = "rcpt"
 PG_ADMIN_URL = os.environ.get("SPOOLSCAN_TEST_POSTGRES_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 INOTIFY_MAX = Path("/proc/sys/fs/inotify/max_queued_events")
@@ -65,7 +64,7 @@ def build_message(marker: str, kind: str) -> bytes:
 
     msg = EmailMessage()
     msg["From"] = "alice@example.net"
-    msg["To"] = f"{RCPT}@spoolscan.test"
+    msg["To"] = "rcpt@spoolscan.test"
     msg["Subject"] = marker
     msg["Message-ID"] = f"<{marker}@faults.example>"
     body = f"Ledger entry {marker}.\n"
@@ -112,6 +111,8 @@ class Ledger:
         self.tag = tag
         self.entries: list[Entry] = []
         self._lock = threading.Lock()
+        self.log_offset = 0  # where this row starts in Postfix's log (a shared Postfix)
+        self.mailbox: Path | None = None  # the row's own mailbox (a shared Postfix)
 
     def new(self, kind: str, via: str = "smtp") -> Entry:
         with self._lock:
@@ -121,10 +122,13 @@ class Ledger:
 
     # --- what is where ------------------------------------------------------------
 
-    @staticmethod
-    def deliveries(postfix: PostfixInstance) -> dict[str, int]:
+    def deliveries(self, postfix: PostfixInstance) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for m in re.finditer(r"\b([0-9A-Za-z]+): to=<[^>]*>, .*status=sent", postfix.log_text()):
+        text = ""
+        with contextlib.suppress(OSError), open(postfix.log_path, "rb") as log:
+            log.seek(self.log_offset)
+            text = log.read().decode(errors="replace")
+        for m in re.finditer(r"\b([0-9A-Za-z]+): to=<[^>]*>, .*status=sent", text):
             counts[m.group(1)] = counts.get(m.group(1), 0) + 1
         return counts
 
@@ -145,11 +149,11 @@ class Ledger:
     def quarantined(directory: Path) -> dict[str, int]:
         return Ledger.markers_in(directory.rglob("message.eml"))
 
-    @staticmethod
-    def queued(postfix: PostfixInstance) -> dict[str, int]:
+    def queued(self, postfix: PostfixInstance) -> dict[str, int]:
         files = (p for sub in ("hold", "incoming", "active", "deferred", "maildrop")
                  for p in (postfix.queue_dir / sub).rglob("*") if p.is_file())
-        return Ledger.markers_in(files)
+        mine = f"ledger-{self.tag}-"
+        return {k: v for k, v in self.markers_in(files).items() if k.startswith(mine)}
 
     @staticmethod
     def in_maildirs(vmail: Path) -> dict[str, int]:
@@ -161,7 +165,7 @@ class Ledger:
         """Every entry delivered or quarantined (latent: quarantined), nothing queued."""
         delivered = self.deliveries(postfix)
         quarantined = self.quarantined(quarantine)
-        in_maildirs = self.in_maildirs(postfix.vmail_dir) if any(
+        in_maildirs = self.in_maildirs(self.mailbox or postfix.vmail_dir) if any(
             e.via == "maildir" for e in self.entries) else {}
         for e in self.entries:
             if e.kind in ("infected", "latent") or e.via == "maildir":
@@ -184,7 +188,7 @@ class Ledger:
         delivered = self.deliveries(postfix)
         quarantined = self.quarantined(quarantine)
         queued = self.queued(postfix)
-        in_maildirs = self.in_maildirs(postfix.vmail_dir)
+        in_maildirs = self.in_maildirs(self.mailbox or postfix.vmail_dir)
         clean_ids, reasons = store_facts(db_url)
         c = Counts(sent=len(self.entries))
         for e in self.entries:
@@ -332,12 +336,14 @@ class Run:
     """One row on one database: the Postfix, the worker, the ledger, the fault's tools."""
 
     def __init__(self, row: Row, db: str, root: Path, clamd: ClamdInstance, scale: Scale,
-                 seed: int) -> None:
+                 seed: int, postfix: PostfixInstance | None = None) -> None:
         self.row, self.db, self.root, self.clamd, self.scale = row, db, root, clamd, scale
         self.rng = random.Random(seed)
         self.seed = seed
         self.ledger = Ledger(uuid.uuid4().hex[:8])
-        self.postfix = PostfixInstance(root / "postfix")
+        self.rcpt = f"r{self.ledger.tag}"  # the row's own mailbox
+        self.shared_postfix = postfix is not None
+        self.postfix = postfix or PostfixInstance(root / "postfix", mailboxes=(self.rcpt,))
         self.quarantine = root / "quarantine"
         self.clamd_link = root / "clamd" / "clamd.sock"
         self.db_url = ""
@@ -416,7 +422,7 @@ sweep_interval = "{self.sweep_interval}"
 [[source]]
 name = "mailboxes"
 type = "maildir"
-paths = ["{self.postfix.vmail_dir}/*/Maildir"]
+paths = ["{self.postfix.maildir_for(self.rcpt)}"]
 quarantine = "store"
 sweep_interval = "{self.sweep_interval}"
 """)
@@ -514,7 +520,7 @@ sweep_interval = "{self.sweep_interval}"
         data = build_message(entry.marker, entry.kind)
         while True:
             try:
-                entry.queue_id = self.postfix.send(data, recipients=[f"{RCPT}@spoolscan.test"])
+                entry.queue_id = self.postfix.send(data, recipients=[f"{self.rcpt}@spoolscan.test"])
                 return
             except (OSError, smtplib.SMTPException):
                 if time.monotonic() > deadline:
@@ -532,7 +538,7 @@ sweep_interval = "{self.sweep_interval}"
     def put_in_maildir(self, kind: str) -> Entry:
         """A message put straight into the recipient's Maildir (not through Postfix)."""
         entry = self.ledger.new(kind, via="maildir")
-        box = self.postfix.maildir_for(RCPT)
+        box = self.postfix.maildir_for(self.rcpt)
         unique = f"{int(time.time())}.M{len(self.ledger.entries)}P{os.getpid()}.faults"
         tmp = box / "tmp" / unique
         tmp.write_bytes(build_message(entry.marker, kind))
@@ -757,7 +763,7 @@ def _postfix_stopped(run: Run) -> None:
 
 
 def _exdev_prepare(run: Run) -> None:
-    box = run.postfix.maildir_for(RCPT)
+    box = run.postfix.maildir_for(run.rcpt)
     run.mount_tmpfs(box.parent, "32m", NOBODY_UID, NOBODY_GID, 0o700)
     for path in (box, box / "tmp", box / "new", box / "cur"):  # as virtual(8) makes it
         path.mkdir(mode=0o700, exist_ok=True)
@@ -903,15 +909,23 @@ def describe(row: Row, scale: Scale) -> str:
 
 
 def run_row(row: Row, db: str, workdir: Path, clamd: ClamdInstance, scale: Scale = SHORT,
-            seed: int = 12) -> Result:
-    """Run ``row`` on ``db`` (sqlite | postgresql); the ledger's counts."""
+            seed: int = 12, postfix: PostfixInstance | None = None) -> Result:
+    """Run ``row`` on ``db`` (sqlite | postgresql); the ledger's counts.  ``postfix``: a
+    running instance to share between rows (each row gets a mailbox of its own and reads
+    the mail log from where it started); by default the row starts one of its own."""
     started = time.monotonic()
     root = workdir / f"{row.name}-{db}"
     root.mkdir(parents=True)
     root.chmod(0o755)
     (root / "clamd").mkdir()
-    run = Run(row, db, root, clamd, scale, seed)
+    run = Run(row, db, root, clamd, scale, seed, postfix)
     run.point_clamd_at(clamd.socket_path)
+    run.ledger.mailbox = run.postfix.maildir_for(run.rcpt)
+    if postfix is not None:
+        postfix.add_mailbox(run.rcpt)
+        run.ledger.mailbox = postfix.maildir_for(run.rcpt)
+        with contextlib.suppress(OSError):
+            run.ledger.log_offset = postfix.log_path.stat().st_size
     result = Result(row, db, None)
     sender: threading.Thread | None = None
     try:
@@ -921,7 +935,8 @@ def run_row(row: Row, db: str, workdir: Path, clamd: ClamdInstance, scale: Scale
             run.db_url = url
             run.write_config()
             run.phase("database")
-            run.postfix.start()
+            if not run.postfix.running:
+                run.postfix.start()
             run.phase("postfix start")
             if row.name == "inotify-overflow":
                 old = INOTIFY_MAX.read_text().strip()
@@ -958,7 +973,10 @@ def run_row(row: Row, db: str, workdir: Path, clamd: ClamdInstance, scale: Scale
         with contextlib.suppress(Exception):
             run.stop_worker()
         with contextlib.suppress(Exception):
-            run.postfix.stop()
+            if not run.shared_postfix:
+                run.postfix.stop()
+            elif not run.postfix.running:
+                run.postfix.start()
         if not clamd.ping():
             clamd.start()
         for cleanup in reversed(run.cleanups):
