@@ -227,6 +227,33 @@ class Ledger:
         return c
 
 
+def fault_seen(db_url: str, worker_log: Path) -> str:
+    """What the store and the worker's log show of the fault: failed scans and actions,
+    commits refused by the database."""
+    from sqlalchemy import text
+
+    from spoolscan.store.db import create_engine_for
+
+    engine = create_engine_for(db_url)
+    try:
+        with engine.connect() as conn:
+            errors = conn.execute(text("SELECT count(*) FROM scans WHERE verdict = 'error'")
+                                  ).scalar()
+            failed = conn.execute(text("SELECT count(*) FROM actions WHERE outcome = 'failed'")
+                                  ).scalar()
+    finally:
+        engine.dispose()
+    log = b""
+    with contextlib.suppress(OSError):
+        log = worker_log.read_bytes()
+    db = sum(1 for line in log.splitlines() if b"database unavailable" in line)
+    parts = [f"{errors} scan errors", f"{failed} failed actions",
+             f"{db} database errors logged"]
+    if b"inotify events were lost" in log:
+        parts.append("overflow logged")
+    return ", ".join(parts)
+
+
 def store_facts(db_url: str) -> tuple[set[str], dict[str, str]]:
     """Queue IDs with a clean verdict; the visible reasons of held messages (by queue ID,
     and by ledger marker in the subject)."""
@@ -318,14 +345,15 @@ class Scale:
     factor: float  # fault durations: the issue's seconds × factor (at least 1 s)
     settle: float  # seconds to wait for the mail to settle after the fault
     kills: int = 10  # SIGKILLs in the sigkill row
+    pace: float = 0.1  # seconds between two messages of a burst: the fault lands mid-burst
     retry_delay: float = 0.25  # [policy] retry_delay of the worker
 
     def seconds(self, full: float) -> float:
         return max(1.0, full * self.factor)
 
 
-SHORT = Scale(burst=20, factor=0.05, settle=60, kills=4, retry_delay=0.1)
-FULL = Scale(burst=200, factor=1.0, settle=300, kills=10, retry_delay=0.25)
+SHORT = Scale(burst=20, factor=0.05, settle=60, kills=4, retry_delay=0.1, pace=0.15)
+FULL = Scale(burst=200, factor=1.0, settle=300, kills=10, retry_delay=0.25, pace=0.1)
 
 
 class Skip(Exception):
@@ -531,7 +559,9 @@ sweep_interval = "{self.sweep_interval}"
         kinds = kinds or (lambda i: "infected" if i % 5 == 0 else "clean")
         try:
             for i in range(n):
+                started = time.monotonic()
                 self.send(self.ledger.new(kinds(i)))
+                time.sleep(max(0.0, self.scale.pace - (time.monotonic() - started)))
         finally:
             self.sending_done.set()
 
@@ -733,6 +763,7 @@ def _quarantine_full_prepare(run: Run) -> None:
 
 
 def _quarantine_full(run: Run) -> None:
+    run.wait_progress(1)
     filler = _fill(run.quarantine)
     run.notes.append("quarantine store: a 2 MiB tmpfs, filled up")
     time.sleep(run.scale.seconds(30))
@@ -857,7 +888,7 @@ ROWS: tuple[Row, ...] = (
         _inotify_overflow, prepare=_inotify_prepare),
     Row("quarantine-full", "quarantine store full",
         "the quarantine store is a 2 MiB tmpfs, filled to the last byte for {s30} s "
-        "from the start of the burst", _quarantine_full, prepare=_quarantine_full_prepare),
+        "once the first message was acted on", _quarantine_full, prepare=_quarantine_full_prepare),
     Row("quarantine-unwritable", "quarantine store unwritable",
         "a read-only bind mount over the quarantine store (EROFS, root included) for "
         "{s30} s once the first message was acted on",
@@ -897,6 +928,7 @@ class Result:
     notes: list[str] = field(default_factory=list)
     settled: bool = False
     phases: dict[str, float] = field(default_factory=dict)
+    fault_seen: str = ""
 
     @property
     def ok(self) -> bool:
@@ -949,6 +981,8 @@ def run_row(row: Row, db: str, workdir: Path, clamd: ClamdInstance, scale: Scale
                 run.notes.append(f"{INOTIFY_MAX}: {old} -> 8 -> {old}")
             else:
                 run.start_worker()
+            if not run.wait_log(b"postfix: watching", 60):  # working before the burst
+                run.notes.append("the worker did not report watching hold/ within 60 s")
             if not row.own_burst:
                 sender = threading.Thread(target=run.burst, args=(scale.burst,), daemon=True)
                 sender.start()
@@ -962,6 +996,7 @@ def run_row(row: Row, db: str, workdir: Path, clamd: ClamdInstance, scale: Scale
             run.stop_worker()
             run.phase("worker stop")
             result.counts = run.ledger.classify(run.postfix, run.quarantine, url)
+            result.fault_seen = fault_seen(url, run.worker_log)
             if not result.settled:
                 run.notes.append(f"not settled after {scale.settle:g} s")
             if run.restarts:
@@ -990,6 +1025,25 @@ def run_row(row: Row, db: str, workdir: Path, clamd: ClamdInstance, scale: Scale
 
 
 # --------------------------------------------------------------------------- the report
+
+FOUND = """\
+## What the matrix found (fixed, each with a test)
+
+- **sigkill**: a worker killed between the copy into the quarantine store and
+  `postsuper -d` left that copy behind; the restart scanned the message again and made a
+  second copy under the new scan's name. An unfinished quarantine's copy is now finished
+  instead (`test_an_unfinished_quarantine_is_finished_not_copied_again[pending]`).
+- **postfix-stopped**: every failed `postsuper -d` (Postfix stopped) left one more copy
+  in the quarantine store, one per retry. Same fix (`...[failed]`).
+- **sqlite-disk-full**: verdicts that could not be committed were handed back to the
+  sweeps while still in the pipeline; a sweep in between claimed them again, the pipeline
+  refused the duplicate job, and the claim kept them from every sweep for 10 minutes
+  (HANDED_WINDOW): the mail stayed held long after the disk had room again. They are now
+  handed back once out of the pipeline (`test_mail_flows_as_soon_as_a_database_outage_ends`).
+
+`make test` runs every row in a short version (20 messages, fault durations × 0.05 with at
+least 1 s, 4 kills, one Postfix shared by the rows): `tests/test_faults.py`.
+"""
 
 FUZZING = """\
 ## Fuzzing (hostile bytes)
@@ -1033,10 +1087,14 @@ def report(results: list[Result], scale: Scale, seed: int, started: str) -> str:
         "",
         f"- date: {started}",
         f"- machine: {machine()}",
-        f"- load: {scale.burst} messages per row sent over SMTP to a private Postfix that "
-        "holds everything (every fifth one carries EICAR), `spoolscan run` working on the "
-        "hold queue and on the Maildirs Postfix delivers to; fault durations × "
-        f"{scale.factor:g} of the issue's; seed {seed}",
+        f"- load: {scale.burst} messages per row sent over SMTP, one every {scale.pace:g} s, "
+        "to a private Postfix that holds everything (every fifth one carries EICAR), "
+        "`spoolscan run` working on the hold queue and on the Maildir Postfix delivers to "
+        f"(SQLite or PostgreSQL); fault durations × {scale.factor:g} of the issue's; seed "
+        f"{seed}; the worker's retry_delay {scale.retry_delay:g} s, max_attempts 8",
+        "- *what the fault did*: scans that ended in `error` and actions that failed, from "
+        "the store; commits refused, from the worker's log (a locked database makes commits "
+        "wait — SQLite's busy_timeout, PostgreSQL's lock queue — rather than fail)",
         "- the ledger: every message sent is looked for in Postfix's log (delivered, by "
         "queue ID), in the quarantine store, in Postfix's queues and in the Maildirs, and "
         "in the store (a clean verdict for what was delivered; a visible reason for what "
@@ -1044,18 +1102,18 @@ def report(results: list[Result], scale: Scale, seed: int, started: str) -> str:
         "anything else not delivered or quarantined is *lost*.",
         "",
         "| row | db | sent | delivered | quarantined | held | lost | infected delivered "
-        "| duplicated | released unscanned | time |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| duplicated | released unscanned | time | what the fault did |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         if r.skipped or r.counts is None:
             out.append(f"| {r.row.name} | {r.db} | skipped: {r.skipped or 'no result'} "
-                       "| | | | | | | | |")
+                       "| | | | | | | | | |")
             continue
         c = r.counts
         out.append(f"| {r.row.name} | {r.db} | {c.sent} | {c.delivered} | {c.quarantined} "
                    f"| {c.held} | {c.lost} | {c.infected_delivered} | {c.duplicated} "
-                   f"| {c.released_unscanned} | {r.seconds:.0f} s |")
+                   f"| {c.released_unscanned} | {r.seconds:.0f} s | {r.fault_seen} |")
     out += ["", "## The rows", ""]
     for row_ in ROWS:
         out.append(f"- **{row_.name}** — {row_.title}: {describe(row_, scale)}."
@@ -1065,5 +1123,5 @@ def report(results: list[Result], scale: Scale, seed: int, started: str) -> str:
             if r.row is row_ and (r.notes or (r.counts and r.counts.problems)):
                 detail = "; ".join(r.notes + (r.counts.problems[:5] if r.counts else []))
                 out.append(f"  - {r.db}: {detail}")
-    out += ["", FUZZING]
+    out += ["", FOUND, "", FUZZING]
     return "\n".join(out) + "\n"
