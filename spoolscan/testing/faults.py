@@ -48,6 +48,7 @@ from pathlib import Path
 
 from spoolscan.testing.clamd import EICAR, ClamdInstance, ndb_line
 from spoolscan.testing.postfix import NOBODY_GID, NOBODY_UID, PostfixInstance
+from spoolscan.testing.postgres import PrivatePostgres
 
 WORKER_USER = "spoolscan"
 PG_ADMIN_URL = os.environ.get("SPOOLSCAN_TEST_POSTGRES_URL",
@@ -58,6 +59,10 @@ LATENT = b"SPOOLSCAN-LATENT-THREAT-7f3a"  # caught only after the signature upda
 
 
 # --------------------------------------------------------------------------- messages
+
+
+def _run_quietly(*args: str) -> None:
+    subprocess.run(list(args), capture_output=True, check=False)
 
 
 def build_message(marker: str, kind: str) -> bytes:
@@ -384,7 +389,7 @@ class Run:
         self.cleanups: list[Callable[[], None]] = []
         self.notes: list[str] = []
         self.sweep_interval = "1s"
-        self.pg = None  # a PrivatePostgres when the row needs one
+        self.pg: PrivatePostgres | None = None  # when the row needs a cluster of its own
         self.sending_done = threading.Event()
         self.restarts = 0  # the worker exited with an error and was started again
         self._worker_lock = threading.Lock()
@@ -402,8 +407,7 @@ class Run:
                                  "tmpfs", str(path)], capture_output=True, text=True)
         if result.returncode != 0:
             raise Skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
-        self.cleanups.append(lambda: subprocess.run(["umount", "-l", str(path)],
-                                                    capture_output=True))
+        self.cleanups.append(lambda: _run_quietly("umount", "-l", str(path)))
         os.chown(path, uid, gid)
         os.chmod(path, mode)
 
@@ -634,8 +638,6 @@ def database(run: Run) -> Iterator[str]:
         yield url
         return
     if run.row.private_postgres:
-        from spoolscan.testing.postgres import PrivatePostgres
-
         pg = PrivatePostgres(Path(f"/tmp/spoolscan-faults-pg-{os.getpid()}-{run.row.name}"))
         try:
             pg.init()
@@ -726,13 +728,13 @@ def _database_locked(run: Run) -> None:
     run.wait_working(run.scale.burst // 3)
     seconds = run.scale.seconds(10)
     if run.db == "sqlite":
-        conn = sqlite3.connect(run.db_url[len("sqlite:///"):], timeout=30,
+        lite = sqlite3.connect(run.db_url[len("sqlite:///"):], timeout=30,
                                isolation_level=None)
-        conn.execute("BEGIN EXCLUSIVE")
-        conn.execute("CREATE TABLE IF NOT EXISTS faults_lock (x INTEGER)")
+        lite.execute("BEGIN EXCLUSIVE")
+        lite.execute("CREATE TABLE IF NOT EXISTS faults_lock (x INTEGER)")
         time.sleep(seconds)
-        conn.execute("ROLLBACK")
-        conn.close()
+        lite.execute("ROLLBACK")
+        lite.close()
         return
     from sqlalchemy import create_engine, text
 
