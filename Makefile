@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # separation) and must be able to read its interpreter and standard library.
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 
-.PHONY: all deps demo-deps venv test run bench fuzz lint man clean
+.PHONY: all deps demo-deps venv test run bench fuzz faults lint man clean
 
 all: test
 
@@ -44,6 +44,12 @@ fuzz: deps venv
 	@scripts/start-postgres
 	SPOOLSCAN_FUZZ_EXAMPLES=$${SPOOLSCAN_FUZZ_EXAMPLES:-100000} $(PY) -m pytest -q \
 		-p no:cacheprovider tests/test_fuzz.py $(FUZZ_ARGS)
+
+# The fault matrix at the issue's scale (200-message bursts, clamd stopped 30 s...), every
+# row on SQLite and PostgreSQL; writes docs/reliability.md (ARGS=--rows sigkill --db sqlite).
+faults: deps venv
+	@scripts/start-postgres
+	$(PY) bench/faults --output docs/reliability.md $(ARGS)
 
 bench: venv
 	@scripts/install-deps bench

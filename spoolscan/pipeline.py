@@ -159,6 +159,8 @@ class Worker:
         self._slots = threading.BoundedSemaphore(OPEN_LIMIT)
         self._keys: set[tuple[str, str]] = set()
         self._keys_lock = threading.Lock()
+        # Jobs that ended with nothing stored: handed over again once out of the pipeline.
+        self._unrecorded: list[Outcome] = []
         self._stopping = threading.Event()  # no new jobs accepted
         self._stop_requested = threading.Event()  # SIGTERM: cut sweeps short
         self._halt = threading.Event()  # loops exit once drained
@@ -238,6 +240,7 @@ class Worker:
                 for outcome in batch:
                     self._forget((outcome.job.info.source, outcome.job.info.identity))
                     self._slots.release()
+                self._hand_over_again()
 
     # --- verdict → store → action → store --------------------------------------------
 
@@ -291,6 +294,27 @@ class Worker:
         for name, items in by_source.items():
             self._act(self._source(name), items)
 
+    def _interrupted_quarantines(self, source: Source, items: list[Pending]) -> dict[int, str]:
+        """Messages whose last action is a quarantine left pending (the worker died while
+        acting) or failed after the copy was made (postsuper could not remove the held
+        message), its copy complete in the store: message ID -> that copy's path."""
+        if not items:
+            return {}
+        try:
+            last = self.store.last_actions([p.message_id for p in items])
+        except Exception as exc:  # the intent write that follows reports an outage
+            log.debug("earlier quarantine intents not looked up: %r", exc)
+            return {}
+        found = {}
+        for message_id, row in last.items():
+            path = row.get("quarantine_path")
+            if (row.get("action") == Action.QUARANTINE
+                    and row.get("outcome") in (ActionOutcome.PENDING, ActionOutcome.FAILED)
+                    and path
+                    and source.quarantine_store.exists(path)):
+                found[message_id] = path
+        return found
+
     def _source(self, name: str) -> Source | None:
         return self.sources.get(name) or self._retired.get(name)
 
@@ -304,9 +328,15 @@ class Worker:
                     "its source is no longer configured", state=State.RETRY)
             acting = []
         if acting and source is not None:
-            for p in acting:
-                if p.decision.action == Action.QUARANTINE:
-                    p.target = source.quarantine_target(p)
+            quarantining = [p for p in acting if p.decision.action == Action.QUARANTINE]
+            earlier = self._interrupted_quarantines(source, quarantining)
+            for p in quarantining:
+                p.target = source.quarantine_target(p)
+                if p.target is not None and p.message_id in earlier:
+                    # A copy made by an attempt that did not finish (killed, postsuper
+                    # failed): finish that one (put() keeps a complete copy) rather than
+                    # make another.
+                    p.target = earlier[p.message_id]
             # Write the intent first: if we die while acting, the restart finds a pending
             # action for a message that is no longer where it was, and knows why (and,
             # for a quarantine, where its copy went).
@@ -406,8 +436,15 @@ class Worker:
             log.debug("cannot flag %s", name, exc_info=True)
 
     def _not_recorded(self, outcomes: list[Outcome]) -> None:
-        """Nothing was stored for these: let the next sweep hand them over again."""
-        for o in outcomes:
+        """Nothing was stored for these: let the next sweep hand them over again, once
+        they have left the pipeline (``_commit_loop``).  Forgotten earlier, a sweep in
+        between would claim them again and have its job refused as a duplicate, and the
+        claim would then keep them from every sweep for ``HANDED_WINDOW``."""
+        self._unrecorded.extend(outcomes)
+
+    def _hand_over_again(self) -> None:
+        unrecorded, self._unrecorded = self._unrecorded, []
+        for o in unrecorded:
             source = self.sources.get(o.info.source)
             if source is not None:
                 source.handed.forget(o.info.identity)

@@ -360,3 +360,70 @@ def test_hashed_hold_directories_are_watched(config, store, postfix):
     rows = {r["queue_id"]: r for r in scans(store)}
     assert rows[clean]["action"] == "release" and rows[eicar]["action"] == "quarantine"
     assert any(p.is_dir() for p in (postfix.queue_dir / "hold").iterdir())
+
+
+@pytest.mark.parametrize("outcome", ["pending", "failed"])
+def test_an_unfinished_quarantine_is_finished_not_copied_again(config, store, postfix,
+                                                               outcome):
+    """SIGKILL between the copy into the quarantine store and `postsuper -d` (pending), or
+    `postsuper -d` failing while Postfix is stopped (failed) — the fault matrix's sigkill
+    and postfix-stopped rows: the next attempt scans the message again and must finish
+    that copy, not make another one under the new scan's name."""
+    import io
+
+    from spoolscan.model import ActionOutcome
+    from spoolscan.quarantine.store import QuarantineStore
+    from spoolscan.store.repo import ACTING, ActionRecord, ScanRecord
+
+    cfg = hold_config(config, postfix)
+    qid = postfix.send(eicar_message(subject="killed mid-quarantine"), recipients=[RCPT])
+    postfix.wait_held(1)
+    source = HoldSource(cfg.sources[0], cfg, store, Broker())
+    rel = str(postfix.held_path(qid).relative_to(postfix.queue_dir / "hold"))
+    info, _ = source.examine(source.broker.hold_stat(source.queue_dir, rel)).data
+    (stored,) = store.record_scans([ScanRecord(
+        message=info, verdict="infected", signature="Spoolscan.Test.EICAR", detail=None,
+        fingerprint="x", duration_ms=1, trigger="arrival", cached=False, state=ACTING)])
+    qstore = QuarantineStore(cfg.quarantine.directory)
+    qstore.prepare()
+    path = qstore.path_for(stored.message_id, stored.scan_id)
+    store.record_actions([ActionRecord(stored.message_id, stored.scan_id, "quarantine",
+                                       ActionOutcome(outcome), "infected",
+                                       quarantine_path=path)])
+    qstore.put(path, io.BytesIO(postfix.held_path(qid).read_bytes()), {"queue_id": qid})
+
+    build_worker(cfg, store).run_once()
+    assert postfix.held_ids() == []
+    copies = sorted(Path(cfg.quarantine.directory).rglob("message.eml"))
+    assert [str(c) for c in copies] == [path]
+    with store.engine.connect() as conn:
+        done = conn.execute(text("SELECT quarantine_path FROM actions WHERE outcome = 'ok' "
+                                 "AND action = 'quarantine'")).scalars().all()
+    assert done == [path]
+
+
+def test_mail_flows_as_soon_as_a_database_outage_ends(config, store, postfix):
+    """Verdicts that cannot be recorded (SQLite's disk full) while sweeps keep running:
+    once the database takes writes again the mail flows at the next sweep.  The fault
+    matrix's sqlite-disk-full row found it kept from every sweep for HANDED_WINDOW (10
+    minutes): a sweep during the outage claimed it again while it was still in the
+    pipeline, and the pipeline refused the job as a duplicate."""
+    from sqlalchemy.exc import OperationalError
+
+    cfg = hold_config(config, postfix)  # sweeps every 0.5 s
+    for i in range(3):
+        postfix.send(message(subject=f"outage {i}"), recipients=[RCPT])
+    postfix.wait_held(3)
+    worker = build_worker(cfg, store)
+    real = worker.store.record_scans
+
+    def full(records, plan=None):
+        raise OperationalError("INSERT", {}, Exception("database or disk is full"))
+
+    worker.store.record_scans = full  # type: ignore[method-assign]
+    with running(worker):
+        time.sleep(3)  # several failed commits, several sweeps
+        assert len(postfix.held_ids()) == 3
+        worker.store.record_scans = real  # type: ignore[method-assign]
+        wait_until(lambda: len(postfix.delivered("rcpt")) == 3, timeout=20)
+    assert postfix.held_ids() == []

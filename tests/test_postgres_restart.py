@@ -6,12 +6,7 @@ stopping it does not disturb the server the rest of the suite uses.
 
 from __future__ import annotations
 
-import glob
 import os
-import pwd
-import shutil
-import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,54 +25,9 @@ from spoolscan.config import (
 from spoolscan.runner import build_worker
 from spoolscan.store.db import create_engine_for, upgrade
 from spoolscan.store.repo import Store
+from spoolscan.testing.postgres import PrivatePostgres
 
 RCPT = "rcpt@spoolscan.test"
-
-
-def _bin(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    assert found, f"{name} not found: install postgresql (make deps)"
-    return found[-1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class PrivatePostgres:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.data = root / "data"
-        self.port = _free_port()
-        self.user = pwd.getpwnam("postgres")
-
-    def _as_postgres(self, *args: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True,
-                       capture_output=True, timeout=60)
-
-    def init(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        os.chown(self.root, self.user.pw_uid, self.user.pw_gid)
-        for parent in self.root.parents:  # let postgres reach its directory
-            if parent.stat().st_uid == os.getuid() and not parent.stat().st_mode & 0o001:
-                parent.chmod(parent.stat().st_mode | 0o001)
-        self._as_postgres(_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U",
-                          "postgres", "--no-sync")
-
-    def start(self) -> None:
-        self._as_postgres(_bin("pg_ctl"), "-D", str(self.data), "-w", "-l",
-                          str(self.root / "pg.log"), "-o",
-                          f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-                          "-c fsync=off", "start")
-
-    def stop(self) -> None:
-        self._as_postgres(_bin("pg_ctl"), "-D", str(self.data), "-w", "-m", "fast", "stop")
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/spoolscan"
 
 
 @pytest.fixture
@@ -93,9 +43,7 @@ def private_postgres(tmp_path: Path):
     upgrade(engine)
     engine.dispose()
     yield pg
-    subprocess.run(["runuser", "-u", "postgres", "--", _bin("pg_ctl"), "-D", str(pg.data),
-                    "-m", "immediate", "stop"], capture_output=True)
-    shutil.rmtree(pg.root, ignore_errors=True)
+    pg.destroy()
 
 
 def test_postgres_restart_keeps_mail_held_then_it_flows(clamd_config, postfix,
