@@ -499,6 +499,12 @@ def temp_name() -> str:
     return f".spoolscan.{os.urandom(8).hex()}.tmp"
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one of ``temp_name``'s."""
+    return (len(name) == 31 and name.startswith(".spoolscan.") and name.endswith(".tmp")
+            and all(c in "0123456789abcdef" for c in name[11:27]))
+
+
 def snapshot(src: int, limit: int, directory: str | None = None) -> tuple[int, int]:
     """A private copy of the file open at ``src``: (descriptor, size).
 

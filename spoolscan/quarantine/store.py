@@ -122,6 +122,7 @@ class QuarantineStore:
             existing = d.lstat(MESSAGE)
             if existing is not None and stat.S_ISREG(existing.st_mode):
                 return existing.st_size
+            _remove_leftovers(d)  # of an attempt killed while it wrote
             body = json.dumps(meta, indent=2, sort_keys=True, default=str).encode()
             try:
                 if d.lstat(META) is None:
@@ -171,8 +172,18 @@ class QuarantineStore:
                 with contextlib.suppress(FileNotFoundError):
                     d.unlink(name)
                     found = found or name == MESSAGE
+            _remove_leftovers(d)
             d.fsync()
         day, entry = self._parts(path)
         with contextlib.suppress(OSError), self._base() as base, base.open_dir(day) as dd:
             os.rmdir(entry, dir_fd=dd.fd)
         return found
+
+
+def _remove_leftovers(d: Directory) -> None:
+    """Remove the temporary files (``fsutil.temp_name``) that a write killed midway (a
+    SIGKILL, a power cut) left in an entry directory: only this message's writer uses it."""
+    for e in d.entries():
+        if e.kind == "file" and fsutil.is_temp_name(e.name):
+            with contextlib.suppress(FileNotFoundError):
+                d.unlink(e.name)
