@@ -29,6 +29,7 @@ from spoolscan.pipeline import Worker
 from spoolscan.quarantine.store import QuarantineStore
 from spoolscan.sources.maildir import MaildirSource
 from spoolscan.store.repo import VERDICT, ActionRecord
+from spoolscan.testing.inotify import lowered_queue
 
 SIGNATURE = "Spoolscan.Test.EICAR-NDB.UNOFFICIAL"
 ACTED = "outcome <> 'pending' AND action <> 'leave'"  # what was done (not intents, not leave)
@@ -159,13 +160,9 @@ def test_a_burst_that_overflows_the_inotify_queue_is_scanned_exactly_once(make_w
     assert os.access(knob, os.W_OK), "lowering fs.inotify.max_queued_events needs root"
     root = make_maildir(tmp_path / "Maildir")
     worker, source = make_worker(root)
-    saved = knob.read_text()
-    try:
-        knob.write_text("64\n")  # read when the inotify instance is made, in start()
+    with lowered_queue(64) as saved:  # read when the inotify instance is made, in start()
         worker.start()
-    finally:
-        knob.write_text(saved)
-    assert knob.read_text() == saved
+    assert knob.read_text().strip() == saved
 
     n = 1500
     staging = tmp_path / "staging"

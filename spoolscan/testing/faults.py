@@ -47,13 +47,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spoolscan.testing.clamd import EICAR, ClamdInstance, ndb_line
+from spoolscan.testing.inotify import MAX_QUEUED_EVENTS, lowered_queue
 from spoolscan.testing.postfix import NOBODY_GID, NOBODY_UID, PostfixInstance
 from spoolscan.testing.postgres import PrivatePostgres
 
 WORKER_USER = "spoolscan"
 PG_ADMIN_URL = os.environ.get("SPOOLSCAN_TEST_POSTGRES_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-INOTIFY_MAX = Path("/proc/sys/fs/inotify/max_queued_events")
+INOTIFY_MAX = MAX_QUEUED_EVENTS
 _MARKER = re.compile(rb"ledger-[0-9a-f]{8}-\d+-[a-z]+")
 LATENT = b"SPOOLSCAN-LATENT-THREAT-7f3a"  # caught only after the signature update
 
@@ -1002,13 +1003,9 @@ def run_row(row: Row, db: str, workdir: Path, clamd: ClamdInstance, scale: Scale
                 run.postfix.start()
             run.phase("postfix start")
             if row.name == "inotify-overflow":
-                old = INOTIFY_MAX.read_text().strip()
-                INOTIFY_MAX.write_text("8\n")
-                try:
+                with lowered_queue(8) as old:
                     run.start_worker()
                     run.wait_log(b"postfix: watching", 30)  # made with the low limit
-                finally:
-                    INOTIFY_MAX.write_text(old + "\n")
                 run.notes.append(f"{INOTIFY_MAX}: {old} -> 8 -> {old}")
             else:
                 run.start_worker()
