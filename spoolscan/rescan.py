@@ -165,6 +165,14 @@ def _feed_claimed(worker: Worker, since: datetime | None, source: str | None,
     candidates = 0
     first_round = True
     while True:
+        # A rescan of this host that was killed (its process is gone) gives its claims
+        # back now: the next one need not wait for its leases to run out.
+        gave_back = store.release_rescan_claims_of(
+            fingerprint, [h for h in store.rescan_claim_holders(fingerprint)
+                          if _dead_here(h)])
+        if gave_back:
+            log.info("rescan: took over %d contents claimed by a rescan of this host "
+                     "that is no longer running", gave_back)
         waiting = 0
         for rows in store.rescan_candidates(since, fingerprint, source):
             mine: dict[str, dict] = {}  # content hash -> the first copy of it here
@@ -209,6 +217,20 @@ def _feed_claimed(worker: Worker, since: datetime | None, source: str | None,
             return candidates
         log.debug("rescan: %d contents held by other hosts; waiting", waiting)
         time.sleep(min(1.0, lease / 4))
+
+
+def _dead_here(holder: str) -> bool:
+    """Whether ``holder`` ("host:pid") is a process of this host that no longer runs."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # running, as another user
+        return False
+    return False
 
 
 def check_signatures(worker: Worker, window: timedelta) -> RescanSummary | None:

@@ -3,6 +3,7 @@ three hosts with three Postfix instances sharing one verdict cache."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -296,3 +297,25 @@ def test_doctor_on_network_mailboxes_and_shards(tmp_path, monkeypatch):
         doctor.check_maildir_source(sharded, cfg)
     pg = parse_config({"database": {"url": "postgresql+psycopg://db/spoolscan"}})
     assert "1 in shard 1/1" in doctor.check_maildir_source(sharded, pg)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_killed_rescan_of_this_host_gives_its_claims_back_at_once(store):
+    """Its leases would otherwise hold the next rescan up to rescan_lease (5 min)."""
+    import socket
+
+    from spoolscan.rescan import _dead_here
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = f"{socket.gethostname()}:{gone.pid}"
+    assert _dead_here(dead)
+    assert not _dead_here(f"{socket.gethostname()}:{os.getpid()}")  # this one runs
+    assert not _dead_here(f"other-host.example:{gone.pid}")  # not ours to judge
+
+    fp = "ClamAV 1.4.6 daily/27002/"
+    assert store.claim_rescan(fp, ["c1", "c2"], dead, 300) == ["c1", "c2"]
+    assert store.claim_rescan(fp, ["c1", "c2"], "other:1", 300) == []  # leased
+    assert store.rescan_claim_holders(fp) == [dead]
+    assert store.release_rescan_claims_of(fp, [dead]) == 2
+    assert store.claim_rescan(fp, ["c1", "c2"], "other:1", 300) == ["c1", "c2"]

@@ -788,6 +788,29 @@ class Store:
                     holder=holder, lease_until=now + timedelta(seconds=lease)))
         return list(free)
 
+    def release_rescan_claims_of(self, fingerprint: str, holders: Sequence[str]) -> int:
+        """Give back the open claims of ``holders`` (rescans known to be dead: a process
+        of this host that no longer runs), without waiting for their leases to run out.
+        Returns how many were given back."""
+        if not holders:
+            return 0
+        with self.engine.begin() as conn:
+            return conn.execute(rescan_claims.update().where(
+                rescan_claims.c.fingerprint == fingerprint,
+                rescan_claims.c.holder.in_(list(holders)),
+                rescan_claims.c.done_at.is_(None)).values(
+                holder=None, lease_until=None)).rowcount
+
+    def rescan_claim_holders(self, fingerprint: str) -> list[str]:
+        """The holders of open, leased claims under ``fingerprint``."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(
+                select(rescan_claims.c.holder).distinct().where(
+                    rescan_claims.c.fingerprint == fingerprint,
+                    rescan_claims.c.done_at.is_(None),
+                    rescan_claims.c.holder.is_not(None),
+                    rescan_claims.c.lease_until.is_not(None))).scalars())
+
     def finish_rescan_claims(self, fingerprint: str, done: Sequence[str],
                              released: Sequence[str] = ()) -> None:
         """``done``: scanned (their verdicts are in the cache).  ``released``: given back
