@@ -11,22 +11,21 @@ import contextlib
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from spoolscan.config import ClamdConfig, Config, DatabaseConfig, PolicyConfig, QuarantineConfig
 from spoolscan.store.db import create_engine_for, upgrade
 from spoolscan.store.repo import Store
 from spoolscan.testing.clamd import ClamdInstance
 from spoolscan.testing.postfix import PostfixInstance
+from spoolscan.testing.postgres import ADMIN_URL, new_database
 
-PG_ADMIN_URL = os.environ.get("SPOOLSCAN_TEST_POSTGRES_URL",
-                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = ADMIN_URL
 
 # --- clamd -----------------------------------------------------------------------------
 
@@ -50,23 +49,9 @@ def clamd_config(clamd: ClamdInstance) -> ClamdConfig:
 # --- databases -------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def new_postgres_database(prefix: str = "spoolscan_test") -> Iterator[str]:
+def new_postgres_database(prefix: str = "spoolscan_test") -> contextlib.AbstractContextManager[str]:
     """A new, migrated PostgreSQL database for the block (dropped after it); its URL."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    try:
-        engine = create_engine_for(url)
-        upgrade(engine)
-        engine.dispose()
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    return new_database(prefix, PG_ADMIN_URL)
 
 
 @pytest.fixture(scope="session")

@@ -49,11 +49,10 @@ from pathlib import Path
 from spoolscan.testing.clamd import EICAR, ClamdInstance, ndb_line
 from spoolscan.testing.inotify import MAX_QUEUED_EVENTS, lowered_queue
 from spoolscan.testing.postfix import NOBODY_GID, NOBODY_UID, PostfixInstance
-from spoolscan.testing.postgres import PrivatePostgres
+from spoolscan.testing.postgres import ADMIN_URL, PrivatePostgres, new_database
 
 WORKER_USER = "spoolscan"
-PG_ADMIN_URL = os.environ.get("SPOOLSCAN_TEST_POSTGRES_URL",
-                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = ADMIN_URL
 INOTIFY_MAX = MAX_QUEUED_EVENTS
 _MARKER = re.compile(rb"ledger-[0-9a-f]{8}-\d+-[a-z]+")
 LATENT = b"SPOOLSCAN-LATENT-THREAT-7f3a"  # caught only after the signature update
@@ -621,7 +620,6 @@ sweep_interval = "{self.sweep_interval}"
 
 @contextlib.contextmanager
 def database(run: Run) -> Iterator[str]:
-    from sqlalchemy import create_engine, text
 
     from spoolscan.store.db import create_engine_for, upgrade
 
@@ -654,20 +652,8 @@ def database(run: Run) -> Iterator[str]:
         finally:
             pg.destroy()
         return
-    name = f"spoolscan_faults_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    try:
-        engine = create_engine_for(url)
-        upgrade(engine)
-        engine.dispose()
+    with new_database("spoolscan_faults", PG_ADMIN_URL) as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 # --------------------------------------------------------------------------- rows

@@ -1,17 +1,49 @@
-"""A private PostgreSQL cluster (initdb in a directory, a free loopback port): tests and
-the fault matrix stop and start it without disturbing the server the rest uses."""
+"""PostgreSQL for tests and the fault matrix: a fresh database on the machine's server
+(``new_database``), or a private cluster (initdb in a directory, a free loopback port)
+that they stop and start without disturbing the server the rest uses."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["PrivatePostgres"]
+__all__ = ["ADMIN_URL", "PrivatePostgres", "new_database"]
+
+ADMIN_URL = os.environ.get("SPOOLSCAN_TEST_POSTGRES_URL",
+                           "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@contextlib.contextmanager
+def new_database(prefix: str = "spoolscan_test", admin_url: str = ADMIN_URL
+                 ) -> Iterator[str]:
+    """A new database at the server of ``admin_url``, migrated to the current schema,
+    dropped after the block; its URL."""
+    from sqlalchemy import create_engine, text
+
+    from spoolscan.store.db import create_engine_for, upgrade
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        engine = create_engine_for(url)
+        upgrade(engine)
+        engine.dispose()
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def _bin(name: str) -> str:
