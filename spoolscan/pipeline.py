@@ -159,6 +159,8 @@ class Worker:
         self._slots = threading.BoundedSemaphore(OPEN_LIMIT)
         self._keys: set[tuple[str, str]] = set()
         self._keys_lock = threading.Lock()
+        for source in self.sources.values():
+            source.busy = self._busy_in(source.name)
         # Jobs that ended with nothing stored: handed over again once out of the pipeline.
         self._unrecorded: list[Outcome] = []
         self._stopping = threading.Event()  # no new jobs accepted
@@ -190,6 +192,12 @@ class Worker:
     def _forget(self, key: tuple[str, str]) -> None:
         with self._keys_lock:
             self._keys.discard(key)
+
+    def _busy_in(self, source: str) -> Callable[[str], bool]:
+        def busy(identity: str) -> bool:
+            with self._keys_lock:
+                return (source, identity) in self._keys
+        return busy
 
     def in_pipeline(self) -> int:
         with self._keys_lock:
@@ -589,6 +597,7 @@ class Worker:
         self.sources = new
         for source in started:
             self._retired.pop(source.name, None)
+            source.busy = self._busy_in(source.name)
             source.start(self.submit)
 
     def run_forever(self, stop: threading.Event,

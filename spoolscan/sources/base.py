@@ -186,6 +186,9 @@ class Source(ABC):
         self.quarantine_store = QuarantineStore(config.quarantine.directory)
         self.stats: Counter[str] = Counter()
         self.handed = HandOver()
+        # Whether a message of this source is in the worker's pipeline (scanned, being
+        # committed or acted on): the worker that runs the source sets it.
+        self.busy: Callable[[str], bool] = lambda identity: False
         self.reporter = Reporter(log)
         self._stop = threading.Event()  # set: the watcher thread ends
         self._thread: threading.Thread | None = None
@@ -346,7 +349,10 @@ class Source(ABC):
         missing = [r for r in self.store.open_messages(self.name)
                    if hash(r["identity"]) not in present and self.owns(r)
                    and (as_utc(r["updated_at"]) or started) < started
-                   and not self.handed.under_way(r)]
+                   and not self.handed.under_way(r)
+                   # Acted on right now: its own action records the outcome (a second
+                   # "completed before an interruption" would record it twice).
+                   and not self.busy(r["identity"])]
         missing = [r for r in missing if self.locate(r) is None]
         if not missing:
             return 0
