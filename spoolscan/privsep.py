@@ -606,10 +606,32 @@ def hand_over(config: Config, user: User) -> None:
         _give_dir(directory, user, "the database directory (SQLite writes its journal "
                                    "beside the file)")
         for name in (path, f"{path}-wal", f"{path}-shm", f"{path}-journal"):
-            with contextlib.suppress(FileNotFoundError):
-                if os.lstat(name).st_uid != user.uid:
-                    os.chown(name, user.uid, user.gid, follow_symlinks=False)
+            _give_file(name, user)
     _give_tree(os.path.abspath(config.quarantine.directory), user)
+
+
+def _give_file(name: str, user: User) -> None:
+    """Hand a database file made by root over to the worker's user.  The directory is the
+    worker's: what is chowned is the file opened (never through a symlink), and only a
+    plain file with one link, so that a name planted there cannot make root hand over
+    someone else's file (a hard link to it, or a swap between a check and the chown)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            return
+        raise ConfigError(f"{name}: cannot be opened as a plain file: {exc.strerror}; "
+                          "remove it or make it the database's own file") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid == user.uid:
+            return
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise ConfigError(f"{name}: not a plain file with a single link; not handed "
+                              f"over to {user.name}: check what it is, then remove it")
+        os.fchown(fd, user.uid, user.gid)
+    finally:
+        os.close(fd)
 
 
 def _give_dir(directory: str, user: User, what: str) -> None:

@@ -27,6 +27,13 @@ from spoolscan.testing.postgres import ADMIN_URL, new_database
 
 PG_ADMIN_URL = ADMIN_URL
 
+def pytest_configure(config: pytest.Config) -> None:
+    # spoolscan runs as root (the hold queue needs it) and so do its tests (privilege
+    # separation, attacks as another uid, Postfix): fail at once rather than skip them.
+    if os.geteuid() != 0:
+        raise pytest.UsageError("the tests run as root, as spoolscan does: sudo make test")
+
+
 # --- clamd -----------------------------------------------------------------------------
 
 

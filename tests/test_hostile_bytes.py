@@ -259,8 +259,9 @@ def test_the_storage_rule_is_lossless(raw):
     assert printable(name).isprintable()
 
 
-def test_sqlite_commits_are_durable_before_an_action(store, db_url):
-    if not db_url.startswith("sqlite"):
-        pytest.skip("PostgreSQL commits are durable by default (synchronous_commit=on)")
+def test_commits_are_durable_before_an_action(store, db_url):
     with store.engine.connect() as conn:
-        assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+        if db_url.startswith("sqlite"):
+            assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+        else:
+            assert conn.execute(text("SHOW synchronous_commit")).scalar() == "on"

@@ -32,8 +32,6 @@ from spoolscan.config import SourceConfig
 from spoolscan.runner import build_worker
 from spoolscan.sources import base as sources_base
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (as spoolscan runs)")
-
 
 @pytest.fixture
 def arena():

@@ -22,7 +22,6 @@ from spoolscan.config import SourceConfig
 from spoolscan.mailbox import Location
 from spoolscan.privsep import Helper, Policy
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (as spoolscan runs)")
 RCPT = "rcpt@spoolscan.test"
 
 
@@ -149,3 +148,24 @@ def test_a_missing_worker_user_is_a_clear_error(config, tmp_path):
                              "run", "--once"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and time.monotonic() - started < 30
     assert "no-such-user-here" in result.stderr and "adduser" in result.stderr
+
+
+def test_a_hard_link_planted_beside_the_database_is_not_handed_over(tmp_path):
+    """The database directory is the worker's: a name it planted there (a hard link to
+    a root file) must not make root chown that file when handing the database over."""
+    from spoolscan.config import ConfigError, DatabaseConfig, parse_config
+    from spoolscan.privsep import hand_over, run_as
+
+    secret = tmp_path / "root-only"
+    secret.write_text("root's\n")
+    secret.chmod(0o600)
+    db_dir = tmp_path / "db"
+    db_dir.mkdir()
+    os.link(secret, db_dir / "spoolscan.db-wal")
+    config = parse_config({"privileges": {"user": WORKER_USER},
+                           "quarantine": {"directory": str(tmp_path / "q")}}, "test")
+    config = replace(config, database=DatabaseConfig(url=f"sqlite:///{db_dir}/spoolscan.db"))
+    os.chown(db_dir, pwd.getpwnam(WORKER_USER).pw_uid, 0)
+    with pytest.raises(ConfigError, match="single link"):
+        hand_over(config, run_as(config))
+    assert secret.stat().st_uid == 0
