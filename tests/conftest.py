@@ -48,6 +48,17 @@ def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClamdInstance]:
 
 
 @pytest.fixture
+def updatable_clamd(tmp_path: Path) -> Iterator[ClamdInstance]:
+    """A private clamd whose signatures the test can update (daily version 27001)."""
+    instance = ClamdInstance(tmp_path / "clamd")
+    instance.write_database()
+    instance.start()
+    instance.publish_daily(27001)
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
 def clamd_config(clamd: ClamdInstance) -> ClamdConfig:
     return ClamdConfig(socket=str(clamd.socket_path), timeout=10, concurrency=4,
                        database_directory=str(clamd.db_dir), config_file=str(clamd.conf_path))

@@ -25,15 +25,6 @@ MARKER = b"SPOOLSCAN-RETROACTIVE-TEST-MARKER-7731"
 NEW_SIGNATURE = ndb_line("Spoolscan.Test.Retro", MARKER)
 
 
-@pytest.fixture
-def updatable_clamd(tmp_path: Path):
-    """A private clamd whose signatures the test can update (daily version 27001)."""
-    instance = ClamdInstance(tmp_path / "clamd")
-    instance.write_database()
-    instance.start()
-    instance.publish_daily(27001)
-    yield instance
-    instance.stop()
 
 
 def maildir_config(config: Config, clamd: ClamdInstance, pattern: str) -> Config:

@@ -19,7 +19,7 @@ from spoolscan.clamd import ClamdClient
 from spoolscan.config import ConfigError, SourceConfig, parse_config
 from spoolscan.runner import build_worker
 from spoolscan.store.repo import Store
-from spoolscan.testing.clamd import EICAR, ClamdInstance, ndb_line
+from spoolscan.testing.clamd import EICAR, ndb_line
 
 
 def test_shard_config():
@@ -91,14 +91,6 @@ NEW_SIGNATURE = ndb_line("Spoolscan.Test.ScaleRetro", MARKER)
 DISTINCT = 12  # contents; every third one matches the new signature
 
 
-@pytest.fixture
-def updatable_clamd(tmp_path):
-    instance = ClamdInstance(tmp_path / "clamd")
-    instance.write_database()
-    instance.start()
-    instance.publish_daily(27001)
-    yield instance
-    instance.stop()
 
 
 CONTENTS = [message(subject=f"content {i}", body=f"content {i}\n"
