@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from conftest import write_config
@@ -184,11 +185,30 @@ def test_scan_walks_a_deep_tree(tmp_path, config_file, capsys):
     os.write(out_fd, eicar_message())
     os.close(out_fd)
     os.close(fd)
-    code = main(["--config", str(config_file), "scan", "--no-store", str(deep)])
-    out = capsys.readouterr().out
-    found = [line for line in out.splitlines() if line.endswith("FOUND")]
-    assert code == 1 and len(found) == 1
-    assert found[0].endswith("/d/bottom.eml: Spoolscan.Test.EICAR-NDB.UNOFFICIAL FOUND")
+    try:
+        code = main(["--config", str(config_file), "scan", "--no-store", str(deep)])
+        out = capsys.readouterr().out
+        found = [line for line in out.splitlines() if line.endswith("FOUND")]
+        assert code == 1 and len(found) == 1
+        assert found[0].endswith("/d/bottom.eml: Spoolscan.Test.EICAR-NDB.UNOFFICIAL FOUND")
+    finally:
+        _remove_level_by_level(deep)
+
+
+def _remove_level_by_level(top: Path) -> None:
+    """Remove a tree too deep for shutil.rmtree (pytest's clean-up of old temporary
+    directories recurses and would fail on it): lift each level up, then remove it."""
+    lifted = top.with_name(top.name + ".up")
+    while True:
+        for entry in top.iterdir():
+            if entry.name != "d":
+                entry.unlink()
+        if not (top / "d").is_dir():
+            top.rmdir()
+            return
+        os.rename(top / "d", lifted)
+        top.rmdir()
+        os.rename(lifted, top)
 
 
 # --- secrets ----------------------------------------------------------------------------------
