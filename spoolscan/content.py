@@ -200,11 +200,14 @@ def read_headers(stream: BinaryIO) -> Headers:
     return parse_headers(_read_head(stream))
 
 
-def content_hash(stream: BinaryIO) -> Digest:
+def content_hash(stream: BinaryIO, max_size: int | None = None) -> Digest:
     """SHA-256 (hex) of the content read from ``stream``, its full size in bytes, and
     the headers of ``Headers`` parsed from its first 64 KiB.
 
-    Reads in chunks; memory does not grow with the size of the message.
+    Reads in chunks; memory does not grow with the size of the message.  With
+    ``max_size``, reading stops once more than ``max_size`` bytes were read (a file its
+    owner keeps appending to is not read forever): a size above ``max_size`` means the
+    digest is of a prefix only.
     """
     digest = hashlib.sha256()
     head = _read_head(stream)
@@ -215,7 +218,7 @@ def content_hash(stream: BinaryIO) -> Digest:
         digest.update(own[1])
         start = own[0]
     digest.update(memoryview(head)[start:])
-    while chunk := stream.read(CHUNK):
+    while (max_size is None or size <= max_size) and (chunk := stream.read(CHUNK)):
         size += len(chunk)
         digest.update(chunk)
     return Digest(digest.hexdigest(), size, parse_headers(head))

@@ -144,7 +144,7 @@ def open_target(target: Target, broker: Broker) -> Iterator[Opened]:
         raise ContentUnavailable(f"{target.path}: no longer exists", gone=True) from None
     except (OSError, UnsafeFile) as exc:
         raise ContentUnavailable(f"{target.path}: cannot open: {_why(exc)}") from None
-    with opened, os.fdopen(os.dup(opened.fd), "rb", buffering=0) as stream:
+    with opened, open(opened.fd, "rb", buffering=0, closefd=False) as stream:
         yield Opened(stream=stream, fd=opened.fd, size=opened.st.st_size,  # type: ignore[arg-type]
                      shared=True)
 

@@ -233,7 +233,22 @@ class ScanService:
             if hit is not None:
                 info = replace(job.info, content_hash=known[0], size=known[1])
                 return Outcome(job, info, replace(hit, duration_ms=0), cached=True)
+        missed = None
         if opened.shared and opened.fd is not None:
+            if fingerprint and self.use_cache:
+                # A verdict already known for the content read answers without a copy:
+                # whatever the owner changes while it is read, the verdict found is the
+                # one stored for exactly the bytes hashed.  Only what clamd must read is
+                # copied (the copy is hashed again: that hash is the one scanned).
+                bound = limit if limit is not None else MAX_SNAPSHOT
+                digest, size, headers = content_hash(opened.stream, bound)
+                self.cache.warm(fingerprint)
+                hit = self.cache.get((digest, fingerprint)) if size <= bound else None
+                if hit is not None:
+                    info = _headers_into(replace(job.info, content_hash=digest, size=size),
+                                         headers)
+                    return Outcome(job, info, replace(hit, duration_ms=0), cached=True)
+                missed = digest if size <= bound else None
             # Its owner can change the file while we read it: hash, scan and cache one
             # private copy, never the live file (else the verdict for one content could
             # be cached under the hash of another, for every copy of it).
@@ -244,7 +259,7 @@ class ScanService:
                 if limit is not None and size > limit:  # it grew past the limit meanwhile
                     result = self.client.scan_stream(private.stream, size)
                     return Outcome(job, _with_headers(job.info, private.stream, size), result)
-                return self._hash_and_scan(job, private, fingerprint)
+                return self._hash_and_scan(job, private, fingerprint, missed)
         return self._hash_and_scan(job, opened, fingerprint)
 
     def _snapshot_dir(self) -> str | None:
@@ -252,13 +267,15 @@ class ScanService:
             return self.snapshot_dir
         return None
 
-    def _hash_and_scan(self, job: Job, opened: Opened, fingerprint: str | None) -> Outcome:
+    def _hash_and_scan(self, job: Job, opened: Opened, fingerprint: str | None,
+                       missed: str | None = None) -> Outcome:
+        """``missed``: a content hash just looked up in vain (not asked again)."""
         digest, size, headers = content_hash(opened.stream)
         info = _headers_into(replace(job.info, content_hash=digest, size=size), headers)
         key = (digest, fingerprint) if fingerprint and self.use_cache else None
         if key is not None:
             self.cache.warm(key[1])
-            hit = self.cache.get(key)
+            hit = self.cache.get(key) if digest != missed else None
             if hit is not None:
                 return Outcome(job, info, replace(hit, duration_ms=0), cached=True)
             waiting = self.cache.claim(key)

@@ -531,6 +531,28 @@ def test_a_message_that_grows_while_read_is_cut_at_the_limit(arena, cfg_for, sto
     assert by_name[grown.name]["verdict"] == "unchecked"
 
 
+def test_a_message_that_grows_while_hashed_for_the_cache_is_cut_at_the_limit(
+        arena, cfg_for, store, monkeypatch):
+    """A known content answers from the cache without a private copy: the live file is
+    hashed first, and that read stops at the size limit too."""
+    grown = deliver(arena.maildir, eicar_message("grows before it is hashed"))
+    from spoolscan import scan
+
+    real = scan.content_hash
+
+    def owner_grows_it_first(stream, max_size=None):  # type: ignore[no-untyped-def]
+        if grown.exists() and os.path.getsize(grown) < 10_000:
+            os.truncate(grown, 1 << 40)  # 1 TiB, sparse: as the owner could
+        return real(stream, max_size)
+
+    monkeypatch.setattr(scan, "content_hash", owner_grows_it_first)
+    started = time.monotonic()
+    build_worker(cfg_for("store"), store).run_once()
+    assert time.monotonic() - started < 60  # no thread reads a terabyte
+    by_name = {r["identity"].rpartition("/")[2]: r for r in rows(store)}
+    assert by_name[grown.name]["verdict"] == "unchecked"
+
+
 def test_leased_files_do_not_stall_the_others(arena, cfg_for, run_once, store):
     leased = [deliver(arena.maildir, message(subject=f"leased {i}")) for i in range(5)]
     infected = deliver(arena.maildir, eicar_message())

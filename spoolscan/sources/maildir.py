@@ -252,7 +252,7 @@ class MaildirSource(Source):
             delivered = datetime.fromtimestamp(opened.st.st_mtime, UTC)
             if job.info.location != item.loc.path or job.info.arrived_at != delivered:
                 job.info = replace(job.info, location=item.loc.path, arrived_at=delivered)
-            with os.fdopen(os.dup(opened.fd), "rb", buffering=0) as stream:
+            with open(opened.fd, "rb", buffering=0, closefd=False) as stream:
                 # shared: the owner can change it while we read; the scan uses a copy.
                 yield Opened(stream=stream, fd=opened.fd,  # type: ignore[arg-type]
                              size=opened.st.st_size, shared=True)
