@@ -267,14 +267,19 @@ def scan_paths(service: ScanService, paths: list[str], *, concurrency: int,
         last_flush = time.monotonic()
 
     jobs = (job_for(t, broker, trigger) for t in finder.targets(paths))
+    interactive = out.isatty()  # asked once: it is a system call
+    flushed = time.monotonic()
     for outcome in run_jobs(service, jobs, concurrency):
         tally.add(outcome)
         if not (infected_only and outcome.unavailable is None
                 and outcome.result.verdict == CLEAN):
-            if out.isatty():  # the bar shares the terminal with the result lines
+            if interactive:  # the bar shares the terminal with the result lines
                 progress.clear()
-            print(format_json(outcome) if as_json else format_line(outcome), file=out,
-                  flush=True)
+            out.write((format_json(outcome) if as_json else format_line(outcome)) + "\n")
+            # A pipe or file gets the lines in writes of up to 0.2 s, not one per line.
+            if interactive or time.monotonic() - flushed > 0.2:
+                out.flush()
+                flushed = time.monotonic()
         progress.update(tally.scanned, f"{tally.counts[INFECTED]} infected, "
                                        f"{tally.cached} cached")
         if store is not None and outcome.unavailable is None:
@@ -288,6 +293,7 @@ def scan_paths(service: ScanService, paths: list[str], *, concurrency: int,
             if len(pending) >= 500 or time.monotonic() - last_flush > 1.0:
                 flush()
     flush()
+    out.flush()
     progress.clear()
     elapsed = time.monotonic() - started
     if not summary:
