@@ -505,21 +505,30 @@ def is_temp_name(name: str) -> bool:
             and all(c in "0123456789abcdef" for c in name[11:27]))
 
 
-def snapshot(src: int, limit: int, directory: str | None = None) -> tuple[int, int]:
+def snapshot(src: int, limit: int, directory: str | None = None,
+             memory: bool = False) -> tuple[int, int]:
     """A private copy of the file open at ``src``: (descriptor, size).
 
     At most ``limit + 1`` bytes are copied, so a size above ``limit`` means "larger than
     the limit" whatever the file grows to meanwhile.  The copy is an unnamed file
-    (``O_TMPFILE``) in ``directory`` that nobody else can open: a mailbox owner can change
-    their file while it is being scanned, never the copy, so what is hashed, scanned,
-    cached and quarantined is one and the same content.
+    (``O_TMPFILE``) in ``directory`` that nobody else can open, or with ``memory`` an
+    anonymous one in memory (``memfd_create``: no file system work, for small files): a
+    mailbox owner can change their file while it is being scanned, never the copy, so
+    what is hashed, scanned, cached and quarantined is one and the same content.
     """
-    base = directory or tempfile.gettempdir()
-    try:
-        fd = os.open(base, os.O_TMPFILE | os.O_RDWR | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError:  # no O_TMPFILE there: a named file, unlinked at once
-        fd, name = tempfile.mkstemp(dir=base)
-        os.unlink(name)
+    fd = -1
+    if memory:
+        try:
+            fd = os.memfd_create("spoolscan-copy", os.MFD_CLOEXEC)
+        except (OSError, AttributeError):  # no memfd here: a file, as without ``memory``
+            fd = -1
+    if fd < 0:
+        base = directory or tempfile.gettempdir()
+        try:
+            fd = os.open(base, os.O_TMPFILE | os.O_RDWR | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError:  # no O_TMPFILE there: a named file, unlinked at once
+            fd, name = tempfile.mkstemp(dir=base)
+            os.unlink(name)
     try:
         copied = 0
         while copied <= limit:

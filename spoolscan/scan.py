@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_SNAPSHOT = 1 << 40  # bytes copied when no max_size is configured (never in practice)
+# Private copies of messages up to this size (when opened) are kept in memory: one per scan
+# in flight, each at most max_size + 1 bytes even if the owner makes the file grow.
+MEMORY_COPY_MAX = 1 << 20
 
 
 class FingerprintWatch:
@@ -252,8 +255,13 @@ class ScanService:
             # Its owner can change the file while we read it: hash, scan and cache one
             # private copy, never the live file (else the verdict for one content could
             # be cached under the hash of another, for every copy of it).
+            # A small message is copied into memory (no file system work: on ext4 that
+            # is most of the cost of a copy); a large one into the snapshot directory.
+            small = opened.size is not None and opened.size <= MEMORY_COPY_MAX
             snap_fd, size = fsutil.snapshot(opened.fd, limit if limit is not None
-                                            else MAX_SNAPSHOT, self._snapshot_dir())
+                                            else MAX_SNAPSHOT,
+                                            None if small else self._snapshot_dir(),
+                                            memory=small)
             with open(snap_fd, "rb", buffering=0, closefd=True) as stream:
                 private = Opened(stream=stream, fd=snap_fd, size=size)  # type: ignore[arg-type]
                 if limit is not None and size > limit:  # it grew past the limit meanwhile

@@ -514,10 +514,10 @@ def test_a_message_that_grows_while_read_is_cut_at_the_limit(arena, cfg_for, sto
 
     real = fsutil.snapshot
 
-    def owner_grows_it_first(src, limit, directory=None):  # type: ignore[no-untyped-def]
+    def owner_grows_it_first(src, limit, directory=None, memory=False):  # type: ignore[no-untyped-def]
         if os.fstat(src).st_size < 10_000:
             os.truncate(grown, 1 << 40)  # 1 TiB, sparse: as the owner could
-        return real(src, limit, directory)
+        return real(src, limit, directory, memory)
 
     monkeypatch.setattr(fsutil, "snapshot", owner_grows_it_first)
     started = time.monotonic()
