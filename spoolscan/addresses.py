@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from email.utils import parseaddr
+from functools import lru_cache
 
 # The address in angle brackets at the end of a From value: what is left when the
 # display name (decoded from RFC 2047, so it may hold any character) confuses parseaddr.
@@ -25,6 +26,12 @@ def header_address(value: str | None) -> str | None:
     ``user@example.org``); None if none can be found."""
     if not value:
         return None
+    if len(value) <= 256:  # the same senders come again and again; parseaddr is slow
+        return _cached_header_address(value)
+    return _header_address(value)
+
+
+def _header_address(value: str) -> str | None:
     try:
         address = parseaddr(value)[1]
     except Exception:  # the parser of a hostile header: not worth failing a message for
@@ -33,6 +40,10 @@ def header_address(value: str | None) -> str | None:
         m = _LAST_ANGLE.search(value)
         address = m.group(1) if m else address
     return address or None
+
+
+# Short values only: the cache holds at most 1,024 x 256 characters.
+_cached_header_address = lru_cache(maxsize=1024)(_header_address)
 
 
 def sender_domain(sender: str | None, header_from: str | None) -> str | None:

@@ -177,6 +177,27 @@ class Broker:
         with fsutil.open_directory(parent or "/") as d:
             return d.open_file(name)
 
+    def path_open_many(self, directory: str, names: Sequence[str]
+                       ) -> list[OpenFile | Exception]:
+        """Open the regular files ``names`` of ``directory``, walked to once: for each
+        name its OpenFile, or what refused it (OSError, UnsafeFile)."""
+        for name in names:
+            fsutil.check_name(name)
+        out: list[OpenFile | Exception] = []
+        try:
+            with fsutil.open_directory(directory) as d:
+                for name in names:
+                    try:
+                        out.append(d.open_file(name))
+                    except (OSError, UnsafeFile) as exc:
+                        out.append(exc)
+        except BaseException:
+            for f in out:
+                if isinstance(f, OpenFile):
+                    f.close()
+            raise
+        return out
+
     # --- the Postfix hold queue -------------------------------------------------------------
 
     def postfix_info(self, config_dir: str) -> tuple[str, str]:

@@ -43,7 +43,7 @@ from typing import Any, Final
 
 from spoolscan.broker import Broker, FolderListing, MailboxListing
 from spoolscan.config import Config, ConfigError
-from spoolscan.fsutil import OpenFile, UnsafeFile
+from spoolscan.fsutil import OpenFile, UnsafeFile, check_name
 from spoolscan.mailbox import Location
 from spoolscan.postfix import commands
 from spoolscan.postfix.queuedir import HoldEntry
@@ -54,7 +54,10 @@ log = logging.getLogger(__name__)
 
 _FRAME: Final = struct.Struct("!I")
 _MAX_FRAME: Final = 256 * 1024 * 1024
-_MAX_FDS: Final = 4
+_MAX_FDS: Final = 64
+#: Files opened by one ``path_open_many`` request (their descriptors travel together).
+OPEN_BATCH: Final = 32
+_CTRUNC: Final = int(socket.MSG_CTRUNC)
 CONNECTIONS: Final = 16  # concurrent requests (scanner threads, committer, watchers)
 _PR_SET_PDEATHSIG: Final = 1
 _PR_SET_NAME: Final = 15
@@ -95,7 +98,7 @@ def _recv(sock: socket.socket) -> tuple[Any, list[int]]:
     head, fds, flags, _ = socket.recv_fds(sock, _FRAME.size, _MAX_FDS)
     if not head:
         raise EOFError("connection closed")
-    if flags & socket.MSG_CTRUNC:
+    if flags & _CTRUNC:
         for fd in fds:
             os.close(fd)
         raise HelperError("descriptors were lost in transit")
@@ -204,7 +207,7 @@ def _entry(v: list | None) -> HoldEntry | None:
     return None if v is None else HoldEntry(str(v[0]), int(v[1]), int(v[2]), int(v[3]))
 
 
-_ERRORS: dict[str, type[BaseException]] = {
+_ERRORS: dict[str, type[OSError]] = {
     "FileNotFoundError": FileNotFoundError, "FileExistsError": FileExistsError,
     "PermissionError": PermissionError, "IsADirectoryError": IsADirectoryError,
     "NotADirectoryError": NotADirectoryError,
@@ -228,20 +231,25 @@ def _error_json(exc: BaseException) -> dict:
             "filename": filename if isinstance(filename, str) else None}
 
 
-def _raise(err: dict) -> None:
+def _exception(err: dict) -> Exception:
+    """The exception the helper's ``_error_json`` described."""
     kind, message = err.get("type"), str(err.get("message"))
     if kind == "UnsafeFile":
-        raise UnsafeFile(message)
+        return UnsafeFile(message)
     if kind == "PostfixCommandError":
-        raise commands.PostfixCommandError(message)
+        return commands.PostfixCommandError(message)
     if kind == "InvalidQueueId":
-        raise commands.InvalidQueueId(message)
+        return commands.InvalidQueueId(message)
     if kind in _ERRORS or kind == "OSError":
         cls = _ERRORS.get(str(kind), OSError)
         if err.get("errno") is not None:
-            raise cls(err["errno"], message, err.get("filename"))
-        raise cls(message)
-    raise HelperError(f"the privileged helper failed: {kind}: {message}")
+            return cls(err["errno"], message, err.get("filename"))
+        return cls(message)
+    return HelperError(f"the privileged helper failed: {kind}: {message}")
+
+
+def _raise(err: dict) -> None:
+    raise _exception(err)
 
 
 # --- the helper ------------------------------------------------------------------------------
@@ -290,6 +298,7 @@ class Helper:
             "path_kind": lambda path: b.path_kind(p().path(path)),
             "path_entries": lambda path: [list(e) for e in b.path_entries(p().path(path))],
             "path_open": lambda path: opened(b.path_open(p().path(path))),
+            "path_open_many": self.path_open_many,
             "postfix_info": lambda cd: list(b.postfix_info(p().config_dir(cd))),
             "hold_entries": lambda qd: (lambda r: [[_entry_json(e) for e in r[0]], r[1]])(
                 b.hold_entries(p().queue_dir(qd))),
@@ -325,6 +334,25 @@ class Helper:
         if self.config_path is None:
             return
         self.policy = Policy.from_config(load_config(self.config_path), self.scan_paths)
+
+    def path_open_many(self, directory: str, names: list) -> _Reply:
+        """Files of one directory named on the command line: per name the position of
+        its descriptor, or the error that refused it."""
+        names = [str(n) for n in names]
+        if len(names) > OPEN_BATCH:
+            raise HelperError(f"path_open_many: more than {OPEN_BATCH} names")
+        for name in names:
+            check_name(name)
+            self.policy.path(os.path.join(directory, name))
+        result: list = []
+        fds: list[int] = []
+        for f in self.broker.path_open_many(directory, names):
+            if isinstance(f, OpenFile):
+                result.append(len(fds))
+                fds.append(f.fd)
+            else:
+                result.append(_error_json(f))
+        return _Reply(result, fds)
 
     def restore(self, args: list, fds: list[int]) -> _Reply:
         loc, times = _loc(args[0]), args[1]
@@ -486,6 +514,15 @@ class RemoteBroker:
 
     def path_open(self, path: str) -> OpenFile:
         return self._file("path_open", path)
+
+    def path_open_many(self, directory: str, names: Sequence[str]
+                       ) -> list[OpenFile | Exception]:
+        result, fds = self._call("path_open_many", directory, list(names))
+        out: list[OpenFile | Exception] = []
+        for r in result:
+            out.append(OpenFile(fds[r], os.fstat(fds[r])) if isinstance(r, int)
+                       else _exception(r))
+        return out
 
     # the Postfix hold queue
 

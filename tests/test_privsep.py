@@ -20,7 +20,7 @@ from sqlalchemy import text
 from spoolscan.broker import Broker
 from spoolscan.config import SourceConfig
 from spoolscan.mailbox import Location
-from spoolscan.privsep import Helper, Policy
+from spoolscan.privsep import Helper, HelperError, Policy
 
 RCPT = "rcpt@spoolscan.test"
 
@@ -115,6 +115,7 @@ def test_the_helper_serves_only_the_configured_places(tmp_path, postfix):
         ("hold_entries", ("/var/spool/postfix",)),
         ("postsuper_release", ("/etc/postfix", ["ABC"])),
         ("path_open", ("/etc/shadow",)),
+        ("path_open_many", ("/etc", ["shadow"])),
         ("path_entries", (str(tmp_path),)),
     ]:
         with pytest.raises(PermissionError):
@@ -124,6 +125,62 @@ def test_the_helper_serves_only_the_configured_places(tmp_path, postfix):
     assert ask("hold_entries", str(postfix.queue_dir)).result is not None
     loc = Location(str(box), "", "new", "x")
     assert policy.location(loc) is loc
+
+
+def test_files_opened_together_are_each_refused_or_opened_on_their_own(tmp_path):
+    """``path_open_many``: one walk to the directory, then every name judged alone: a
+    symlink, a FIFO, a missing name and a subdirectory are refused, the others opened;
+    a name that is a path is refused before anything is opened."""
+    from spoolscan.fsutil import OpenFile, UnsafeFile
+
+    scanned = tmp_path / "s"
+    scanned.mkdir()
+    (scanned / "a.eml").write_bytes(message())
+    (scanned / "b.eml").write_bytes(eicar_message())
+    (tmp_path / "secret").write_text("root's\n")
+    os.symlink(tmp_path / "secret", scanned / "link.eml")
+    os.mkfifo(scanned / "fifo.eml")
+    (scanned / "sub").mkdir()
+    helper = Helper(Broker(), Policy(scan_paths=(str(scanned),)))
+
+    def ask(*args):  # type: ignore[no-untyped-def]
+        return helper.handle({"op": "path_open_many", "args": list(args)}, [])
+
+    names = ["a.eml", "link.eml", "fifo.eml", "gone.eml", "sub", "b.eml"]
+    reply = ask(str(scanned), names)
+    try:
+        kinds = [r if isinstance(r, int) else r["type"] for r in reply.result]
+        assert kinds == [0, "UnsafeFile", "UnsafeFile", "FileNotFoundError", "UnsafeFile", 1]
+        assert len(reply.fds) == 2
+        assert os.read(reply.fds[1], 1 << 16) == (scanned / "b.eml").read_bytes()
+    finally:
+        for fd in reply.fds:
+            os.close(fd)
+    for bad in (["../secret"], ["sub/../../secret"], ["x"] * 33):
+        with pytest.raises((UnsafeFile, PermissionError, HelperError)):
+            ask(str(scanned), bad)
+    with pytest.raises(PermissionError):
+        ask(str(tmp_path), ["secret"])
+    local = Broker().path_open_many(str(scanned), ["a.eml", "link.eml"])
+    assert isinstance(local[0], OpenFile) and isinstance(local[1], UnsafeFile)
+    local[0].close()
+
+
+def test_scan_as_root_of_many_files_scans_each_once(config, tmp_path):
+    """Files opened in batches through the helper: more files than two batches, every
+    file scanned and named once."""
+    box = tmp_path / "many"
+    box.mkdir()
+    for i in range(70):
+        (box / f"m{i:02d}.eml").write_bytes(eicar_message() if i % 30 == 0 else message())
+    config_file = write_config(tmp_path / "scan.toml", config)
+    result = subprocess.run([sys.executable, "-m", "spoolscan", "--config", str(config_file),
+                             "scan", "--no-store", str(box)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith(str(box))]
+    assert len(lines) == 70 and len(set(lines)) == 70
+    assert sum(line.endswith(" FOUND") for line in lines) == 3
 
 
 def test_scan_as_root_reads_the_files_named_through_the_helper(config, tmp_path):
