@@ -79,6 +79,15 @@ _MESSAGE_FIELDS = ("location", "queue_id", "host", "sender", "recipients", "nrcp
                    "sender_domain")
 
 
+# Statements run for every batch, built once (see Store.__init__).
+_SCAN_INSERT = insert(scans).returning(scans.c.id, scans.c.message_id)
+_VERDICT_UPDATE = update(messages).where(messages.c.id == bindparam("b_id")).values(
+    verdict=bindparam("b_verdict"), signature=bindparam("b_signature"),
+    state=bindparam("b_state"), attempts=bindparam("b_attempts"),
+    next_attempt_at=bindparam("b_next"), last_error=bindparam("b_error"),
+    updated_at=bindparam("b_now"))
+
+
 def _stored(params: dict[str, object]) -> dict[str, object]:
     """Parameters as written: every text escaped by the one rule of ``spoolscan.text``
     (addresses, headers and file names may hold any bytes)."""
@@ -243,6 +252,10 @@ class Store:
         else:
             from sqlalchemy.dialects.sqlite import insert as sqlite_insert
             self._insert = sqlite_insert
+        # The statements of every batch, built once: building one (the upsert's
+        # ``excluded`` columns above all) cost more than running it for a small batch.
+        self._message_upsert: Any = None
+        self._action_update: Any = None
 
     @classmethod
     def open(cls, url: str, check: bool = True) -> Store:
@@ -373,21 +386,23 @@ class Store:
                          now: datetime) -> list[Row]:
         """Insert or update message rows; returns (id, state, verdict, signature,
         attempts) as they were before this batch (the upsert does not touch those)."""
-        stmt = self._insert(messages)
-        # Keep what we knew when a later sighting knows less (e.g. envelope fields).
-        keep = {k: func.coalesce(stmt.excluded[k], messages.c[k]) for k in _MESSAGE_FIELDS}
-        stmt = stmt.on_conflict_do_update(index_elements=["source", "identity"], set_=keep)
+        if self._message_upsert is None:
+            stmt = self._insert(messages)
+            excluded = stmt.excluded
+            # Keep what we knew when a later sighting knows less (e.g. envelope fields).
+            keep = {k: func.coalesce(excluded[k], messages.c[k]) for k in _MESSAGE_FIELDS}
+            self._message_upsert = stmt.on_conflict_do_update(
+                index_elements=["source", "identity"], set_=keep).returning(
+                messages.c.source, messages.c.identity, messages.c.id, messages.c.state,
+                messages.c.verdict, messages.c.signature, messages.c.attempts,
+                messages.c.first_seen_at)
         params = [_stored({"source": i.source, "kind": i.kind, "identity": i.identity,
                            "first_seen_at": now, "state": SEEN, "attempts": 0,
                            **_message_values(i, now)}) for i in infos]
         # Match the returned rows by key, not by position: with ON CONFLICT DO UPDATE,
         # PostgreSQL does not give rows back in parameter order when a batch mixes new
         # and existing messages.
-        result = conn.execute(stmt.returning(messages.c.source, messages.c.identity,
-                                             messages.c.id, messages.c.state,
-                                             messages.c.verdict, messages.c.signature,
-                                             messages.c.attempts, messages.c.first_seen_at),
-                              params)
+        result = conn.execute(self._message_upsert, params)
         by_key = {(r.source, r.identity): r for r in result}
         rows = [by_key[(escape(i.source), escape(i.identity))] for i in infos]
         # Who a message is for does not change: written when its row is made (its
@@ -441,14 +456,8 @@ class Store:
                                     "b_error": r.detail if failed_scan else None,
                                     "b_now": now}))
         # Matched by message (unique within a round), not by position.
-        scan_ids = {r.message_id: r.id for r in conn.execute(
-            insert(scans).returning(scans.c.id, scans.c.message_id), scan_params)}
-        conn.execute(
-            update(messages).where(messages.c.id == bindparam("b_id")).values(
-                verdict=bindparam("b_verdict"), signature=bindparam("b_signature"),
-                state=bindparam("b_state"), attempts=bindparam("b_attempts"),
-                next_attempt_at=bindparam("b_next"), last_error=bindparam("b_error"),
-                updated_at=bindparam("b_now")), updates)
+        scan_ids = {r.message_id: r.id for r in conn.execute(_SCAN_INSERT, scan_params)}
+        conn.execute(_VERDICT_UPDATE, updates)
         return [replace(s, scan_id=scan_ids[s.message_id]) for s in stored]
 
     def _claim_releases(self, conn: Connection, records: Sequence[ScanRecord],
@@ -567,9 +576,20 @@ class Store:
                 "outcome": r.outcome, "detail": r.detail,
                 "quarantine_path": r.quarantine_path, "original_path": r.original_path,
             }) for r in records])
+            conn.execute(
+                self._action_update_stmt(),
+                [_stored({"b_id": r.message_id, "b_now": now, "b_state": r.state,
+                          "b_location": r.location,
+                          "b_finished": r.outcome == "ok" and r.state == DONE,
+                          "b_failed": r.outcome == "failed", "b_gone": r.outcome == "gone",
+                          "b_next": r.next_attempt_at,
+                          "b_detail": r.detail}) for r in records])
+
+    def _action_update_stmt(self) -> Any:
+        if self._action_update is None:
             failed = bindparam("b_failed", type_=Boolean)
             finished = bindparam("b_finished", type_=Boolean)
-            conn.execute(
+            self._action_update = (
                 update(messages).where(messages.c.id == bindparam("b_id")).values(
                     updated_at=bindparam("b_now"),
                     # Another process that found the message already gone must not
@@ -585,13 +605,8 @@ class Store:
                     next_attempt_at=case((failed, bindparam("b_next")),
                                          else_=messages.c.next_attempt_at),
                     last_error=case((failed, bindparam("b_detail")),
-                                    else_=messages.c.last_error)),
-                [_stored({"b_id": r.message_id, "b_now": now, "b_state": r.state,
-                          "b_location": r.location,
-                          "b_finished": r.outcome == "ok" and r.state == DONE,
-                          "b_failed": r.outcome == "failed", "b_gone": r.outcome == "gone",
-                          "b_next": r.next_attempt_at,
-                          "b_detail": r.detail}) for r in records])
+                                    else_=messages.c.last_error)))
+        return self._action_update
 
     def set_state(self, message_ids: Iterable[int], state: str, detail: str | None = None
                   ) -> None:
