@@ -35,6 +35,22 @@ from spoolscan.postfix.queuedir import HoldEntry, HoldQueue
 log = logging.getLogger(__name__)
 
 
+#: Messages looked for by one ``mailbox_find_many`` request.
+FIND_BATCH = 500
+
+
+@dataclass(frozen=True)
+class Found:
+    """A message found where it rests now, and what its entry's status says (nothing is
+    opened: ``kind`` and ``owned`` tell whether opening it would be refused)."""
+
+    loc: Location
+    size: int
+    key: tuple[int, int]
+    kind: str  # "file", "symlink", "dir", "other"
+    owned: bool  # the mailbox owner's
+
+
 @dataclass
 class FolderListing:
     folder: str  # "" for the root
@@ -130,6 +146,29 @@ class Broker:
     def mailbox_find(self, root: str, folder: str, unique: str) -> Location | None:
         with Mailbox.open(root) as box:
             return box.find(folder, unique)
+
+    def mailbox_find_many(self, root: str, folder: str, uniques: Sequence[str]
+                          ) -> list[Found | None | Exception]:
+        """``mailbox_find`` for many messages of one folder, the mailbox walked to once;
+        for each: where it is with the status of that entry (not followed), None if it is
+        nowhere, or what refused it."""
+        out: list[Found | None | Exception] = []
+        with Mailbox.open(root) as box:
+            for unique in uniques:
+                try:
+                    loc = box.find(folder, unique)
+                    if loc is None:
+                        out.append(None)
+                        continue
+                    with box.subdir(loc.folder, loc.subdir) as d:
+                        st = d.lstat(loc.name)
+                    out.append(None if st is None else Found(loc, st.st_size,
+                                                             (st.st_dev, st.st_ino),
+                                                             fsutil.kind_of(st),
+                                                             st.st_uid == box.uid))
+                except (OSError, UnsafeFile) as exc:
+                    out.append(exc)
+        return out
 
     def mailbox_quarantine(self, loc: Location, key: tuple[int, int]) -> Location:
         """Move the scanned message into the mailbox's .Quarantine folder (as the owner)."""

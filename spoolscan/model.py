@@ -178,6 +178,9 @@ class Job:
     # not modified in place (Maildir, Postfix queue files), so only new signatures
     # matter, and most answers then come from the cache without any I/O.
     known_content: tuple[str, int] | None = None
+    # The size of the file as a listing found it just before (rescans): with the known
+    # content's size and a verdict in the cache, the file need not even be opened.
+    listed_size: int | None = None
 
 
 @dataclass

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from spoolscan.broker import Broker, FolderListing, MailboxListing
+from spoolscan.broker import FIND_BATCH, Broker, FolderListing, Found, MailboxListing
 from spoolscan.config import Config, ConfigError
 from spoolscan.fsutil import OpenFile, UnsafeFile, check_name
 from spoolscan.mailbox import Location
@@ -289,6 +289,7 @@ class Helper:
             "mailbox_kind": lambda loc: b.mailbox_kind(p().location(_loc(loc))),
             "mailbox_find": lambda root, folder, unique: _loc_json(
                 b.mailbox_find(p().root(root), folder, unique)),
+            "mailbox_find_many": self.mailbox_find_many,
             "mailbox_quarantine": lambda loc, key: _loc_json(
                 b.mailbox_quarantine(p().location(_loc(loc)), _key(key))),  # type: ignore[arg-type]
             "mailbox_remove": lambda loc, key: b.mailbox_remove(p().location(_loc(loc)),
@@ -334,6 +335,21 @@ class Helper:
         if self.config_path is None:
             return
         self.policy = Policy.from_config(load_config(self.config_path), self.scan_paths)
+
+    def mailbox_find_many(self, root: str, folder: str, uniques: list) -> list:
+        if len(uniques) > FIND_BATCH:
+            raise HelperError(f"mailbox_find_many: more than {FIND_BATCH} names")
+        out: list = []
+        for f in self.broker.mailbox_find_many(self.policy.root(root), str(folder),
+                                               [str(u) for u in uniques]):
+            if f is None:
+                out.append(None)
+            elif isinstance(f, Exception):
+                out.append({"error": _error_json(f)})
+            else:
+                out.append({"loc": _loc_json(f.loc), "size": f.size, "key": list(f.key),
+                            "kind": f.kind, "owned": f.owned})
+        return out
 
     def path_open_many(self, directory: str, names: list) -> _Reply:
         """Files of one directory named on the command line: per name the position of
@@ -482,6 +498,19 @@ class RemoteBroker:
 
     def mailbox_kind(self, loc: Location) -> str | None:
         return self._value("mailbox_kind", _loc_json(loc))
+
+    def mailbox_find_many(self, root: str, folder: str, uniques: Sequence[str]
+                          ) -> list[Found | None | Exception]:
+        out: list[Found | None | Exception] = []
+        for r in self._value("mailbox_find_many", root, folder, list(uniques)):
+            if r is None:
+                out.append(None)
+            elif "error" in r:
+                out.append(_exception(r["error"]))
+            else:
+                out.append(Found(_loc(r["loc"]), int(r["size"]), _key(r["key"]),  # type: ignore[arg-type]
+                                 str(r["kind"]), bool(r["owned"])))
+        return out
 
     def mailbox_find(self, root: str, folder: str, unique: str) -> Location | None:
         found = self._value("mailbox_find", root, folder, unique)

@@ -32,6 +32,7 @@ from typing import TextIO
 from spoolscan.model import Trigger
 from spoolscan.pipeline import Worker
 from spoolscan.progress import ProgressBar
+from spoolscan.sources.base import Source
 from spoolscan.store.repo import GONE, utcnow
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ def _feed(worker: Worker, since: datetime | None, source: str | None, fingerprin
     seen = 0
     for rows in store.rescan_candidates(since, fingerprint, source):
         gone: list[int] = []
+        wanted: list[tuple[Source, dict]] = []
         for row in rows:
             src = worker.sources.get(row["source"])
             if src is None or not src.owns(row):
@@ -131,7 +133,17 @@ def _feed(worker: Worker, since: datetime | None, source: str | None, fingerprin
                 if digest in first_of_content:
                     continue
                 first_of_content.add(digest)
-            job = src.job_for(row, Trigger.RESCAN)
+            wanted.append((src, row))
+        # Each source finds its messages of the batch at once (one request per folder).
+        by_source: dict[str, list[dict]] = {}
+        for src, row in wanted:
+            by_source.setdefault(src.name, []).append(row)
+        jobs = {id(row): job for name, its in by_source.items()
+                for row, job in zip(its, worker.sources[name].jobs_for(its, Trigger.RESCAN),
+                                    strict=True)}
+        for _src, row in wanted:
+            digest = row["content_hash"]
+            job = jobs[id(row)]
             if job is None:
                 gone.append(row["id"])
                 continue

@@ -116,6 +116,7 @@ def test_the_helper_serves_only_the_configured_places(tmp_path, postfix):
         ("postsuper_release", ("/etc/postfix", ["ABC"])),
         ("path_open", ("/etc/shadow",)),
         ("path_open_many", ("/etc", ["shadow"])),
+        ("mailbox_find_many", (str(other), "", ["x"])),
         ("path_entries", (str(tmp_path),)),
     ]:
         with pytest.raises(PermissionError):
@@ -164,6 +165,37 @@ def test_files_opened_together_are_each_refused_or_opened_on_their_own(tmp_path)
     local = Broker().path_open_many(str(scanned), ["a.eml", "link.eml"])
     assert isinstance(local[0], OpenFile) and isinstance(local[1], UnsafeFile)
     local[0].close()
+
+
+def test_messages_looked_for_together_are_each_found_on_their_own(tmp_path):
+    """``mailbox_find_many`` stats (never follows, never opens) each message: a message
+    owned by someone else is reported as such, a symlink is no message, a missing one is
+    nothing, a name with a slash is refused."""
+    box = make_maildir(tmp_path / "vmail" / "u" / "Maildir")
+    mine = deliver(box, message())
+    (box / "cur" / "1700000002.M2P2.example:2,S").symlink_to(tmp_path / "secret")
+    theirs = deliver(box, message(subject="planted by root"))
+    os.chown(theirs, 0, 0)
+    os.chown(mine, 4321, 4321)
+    for d in (box, box / "new", box / "cur", box / "tmp"):
+        os.chown(d, 4321, 4321)
+    src = SourceConfig(name="m", type="maildir", paths=(str(tmp_path / "vmail" / "*" /
+                                                            "Maildir"),))
+    from spoolscan.config import Config
+
+    helper = Helper(Broker(), Policy.from_config(Config(sources=(src,))))
+    uniques = [mine.name.split(":")[0], "1700000002.M2P2.example", theirs.name.split(":")[0],
+               "1700000009.M9P9.example"]
+    found = helper.handle({"op": "mailbox_find_many", "args": [str(box), "", uniques]},
+                          []).result
+    assert found[0]["kind"] == "file" and found[0]["owned"]
+    assert found[0]["size"] == mine.stat().st_size
+    assert found[1] is None
+    assert found[2]["kind"] == "file" and not found[2]["owned"]
+    assert found[3] is None
+    bad = helper.handle({"op": "mailbox_find_many", "args": [str(box), "", ["../../x"]]},
+                        []).result
+    assert bad[0]["error"]["type"] == "UnsafeFile"
 
 
 def test_scan_as_root_of_many_files_scans_each_once(config, tmp_path):

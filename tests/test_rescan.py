@@ -213,3 +213,39 @@ def test_copies_cost_one_scan_and_every_infected_copy_is_quarantined(config, sto
     assert not any(p.exists() for p in copies)
     rescans = rows(store, "SELECT verdict, cached FROM scans WHERE \"trigger\" = 'rescan'")
     assert sorted(r["verdict"] for r in rescans) == ["clean"] * 6 + ["infected"] * 6
+
+
+def test_copies_answered_from_the_cache_are_not_even_opened(config, store, tmp_path,
+                                                            updatable_clamd, monkeypatch):
+    """After a signature update, a copy whose listed size is the one recorded takes its
+    verdict from the copy scanned first without its file being opened; the infected
+    ones are still quarantined, each as its own file."""
+    marked = message(subject="copy, marked", body=MARKER.decode() + "\n")
+    copies = []
+    for i in range(5):
+        box = make_maildir(tmp_path / "vmail" / f"u{i}" / "Maildir")
+        copies.append(deliver(box, f"Delivered-To: u{i}@example.org\n".encode() + marked))
+    cfg = maildir_config(config, updatable_clamd, str(tmp_path / "vmail" / "*" / "Maildir"))
+    build_worker(cfg, store).run_once()
+    updatable_clamd.publish_daily(27002, extra_ndb=(NEW_SIGNATURE,))
+    from spoolscan.broker import Broker
+
+    opened = []
+    real_open = Broker.mailbox_open
+
+    def counting_open(self, loc):  # type: ignore[no-untyped-def]
+        opened.append(loc.path)
+        return real_open(self, loc)
+
+    monkeypatch.setattr(Broker, "mailbox_open", counting_open)
+    worker = build_worker(cfg, store)
+    worker.start(watch=False)
+    try:
+        summary = rescan(worker, since=None)
+    finally:
+        worker.stop()
+    assert (summary.candidates, summary.retroactive) == (5, 5)
+    assert len(opened) == 1  # the copy clamd scanned; the four others were not opened
+    assert not any(p.exists() for p in copies)
+    quarantined = list(tmp_path.glob("vmail/*/Maildir/.Quarantine/*/*"))
+    assert len(quarantined) == 5

@@ -341,6 +341,10 @@ class Source(ABC):
         sighting = self.locate(row)
         return None if sighting is None else self.job(sighting, trigger)
 
+    def jobs_for(self, rows: Sequence[dict], trigger: Trigger) -> list[Job | None]:
+        """``job_for`` of each row (a source may find many at once)."""
+        return [self.job_for(row, trigger) for row in rows]
+
     def reconcile(self, present: set[int], started: datetime) -> int:
         """Open messages of this source that are no longer where they rest: an action
         interrupted after it took effect (a pending intent) is recorded as done, the

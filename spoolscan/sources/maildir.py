@@ -38,14 +38,14 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from inotify_simple import flags as inflags
 
 from spoolscan import fsutil
-from spoolscan.broker import Broker, MailboxListing
+from spoolscan.broker import FIND_BATCH, Broker, MailboxListing
 from spoolscan.config import Config, SourceConfig
 from spoolscan.content import content_hash
 from spoolscan.fsutil import UnsafeFile
@@ -216,6 +216,39 @@ class MaildirSource(Source):
         except (OSError, UnsafeFile):
             return None
         return None if loc is None else Sighting(loc.identity, loc)
+
+    def jobs_for(self, rows: Sequence[dict], trigger: Trigger) -> list[Job | None]:
+        """``job_for`` of each row, the messages of one folder looked for with one request
+        to the helper.  A message found as a regular file of the owner carries its key
+        and its size as listed (a rescan may then answer from the cache without opening
+        it); anything else is left to the open, which says what is wrong."""
+        jobs: list[Job | None] = [None] * len(rows)
+        groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
+        for i, row in enumerate(rows):
+            folder_path, _, unique = row["identity"].rpartition("/")
+            root = self._root_of(folder_path + "/")
+            if root is None:
+                continue
+            folder = folder_path[len(root) + 1:] if folder_path != root else ""
+            if folder and not is_folder_name(folder):
+                continue
+            groups.setdefault((root, folder), []).append((i, unique))
+        for (root, folder), wanted in groups.items():
+            for start in range(0, len(wanted), FIND_BATCH):
+                part = wanted[start:start + FIND_BATCH]
+                try:
+                    found = self.broker.mailbox_find_many(root, folder, [u for _, u in part])
+                except (OSError, UnsafeFile):  # the mailbox itself: as locate() says
+                    continue
+                for (i, _), f in zip(part, found, strict=True):
+                    if f is None or isinstance(f, Exception):
+                        continue  # no longer there (or unreachable): as locate() says
+                    job = self.job(Sighting(f.loc.identity, f.loc), trigger)
+                    if f.kind == "file" and f.owned:
+                        job.payload.key = f.key
+                        job.listed_size = f.size
+                    jobs[i] = job
+        return jobs
 
     def job(self, sighting: Sighting, trigger: Trigger = Trigger.ARRIVAL) -> Job:
         loc: Location = sighting.data
