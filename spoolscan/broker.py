@@ -153,15 +153,23 @@ class Broker:
         for each: where it is with the status of that entry (not followed), None if it is
         nowhere, or what refused it."""
         out: list[Found | None | Exception] = []
-        with Mailbox.open(root) as box:
+        with Mailbox.open(root) as box, contextlib.ExitStack() as dirs:
+            listed: dict[str, Location] | None = None
+            if len(uniques) > 4:  # listing new/ and cur/ once beats one find() each
+                listed = box.find_many(folder, uniques)
+            subdirs: dict[str, fsutil.Directory] = {}
             for unique in uniques:
                 try:
-                    loc = box.find(folder, unique)
+                    fsutil.check_name(unique)
+                    loc = listed.get(unique) if listed is not None else box.find(folder,
+                                                                                 unique)
                     if loc is None:
                         out.append(None)
                         continue
-                    with box.subdir(loc.folder, loc.subdir) as d:
-                        st = d.lstat(loc.name)
+                    if loc.subdir not in subdirs:
+                        subdirs[loc.subdir] = dirs.enter_context(
+                            box.subdir(loc.folder, loc.subdir))
+                    st = subdirs[loc.subdir].lstat(loc.name)
                     out.append(None if st is None else Found(loc, st.st_size,
                                                              (st.st_dev, st.st_ino),
                                                              fsutil.kind_of(st),

@@ -25,7 +25,7 @@ import errno
 import os
 import pwd
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Final
 
@@ -223,6 +223,25 @@ class Mailbox:
                 if entry.kind == "file" and unique_part(entry.name) == unique:
                     return self.location(folder, sub, entry.name)
         return None
+
+    def find_many(self, folder: str, uniques: Iterable[str]) -> dict[str, Location]:
+        """``find`` for many unique parts: new/ and cur/ listed once, not once per
+        message (a message read by an IMAP client has flags after its unique part, so
+        ``find`` lists the directory for it).  Unique parts found nowhere are left out."""
+        wanted = set(uniques)
+        found: dict[str, Location] = {}
+        for sub, d in self._message_dirs(folder):
+            here: dict[str, str] = {}
+            for entry in d.entries():
+                if entry.kind != "file":
+                    continue
+                unique = unique_part(entry.name)
+                if unique in wanted and unique not in found and (
+                        unique not in here or entry.name == unique):
+                    here[unique] = entry.name  # the exact name first, as find()
+            for unique, name in here.items():
+                found[unique] = self.location(folder, sub, name)
+        return found
 
     # --- changes, with the owner's identity -------------------------------------------------
 

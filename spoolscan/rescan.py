@@ -155,9 +155,10 @@ def _feed(worker: Worker, since: datetime | None, source: str | None, fingerprin
         if gone:
             store.set_state(gone, GONE, "no longer present (found by a rescan)")
             summary.gone += len(gone)
-        # Finish this batch before asking for the next one: the query skips what is
-        # finished, so it must not race with messages still in flight.
-        worker.wait_idle(settle=0.0)
+    # The batches come by id (keyset), so the next one can be asked for while this one
+    # is in flight (waiting here for each batch left clamd idle at every boundary); the
+    # pass is over once everything submitted is finished.
+    worker.wait_idle(settle=0.0)
     return seen
 
 

@@ -557,3 +557,29 @@ def test_a_rescan_job_follows_a_renamed_message_and_is_none_for_a_deleted_one(
         str(seen), rows[str(kept)]["identity"], "rescan")
     assert job.payload.loc.root == str(root)
     assert source.job_for(rows[str(deleted)], "rescan") is None
+
+
+def test_finding_many_messages_at_once_finds_what_finding_each_finds(tmp_path):
+    """A rescan looks for a folder's messages with one listing of new/ and cur/: the
+    answers are the ones ``find`` gives message by message (new/ before cur/, the exact
+    name before a flagged one, a symlink or a FIFO is no message)."""
+    from spoolscan.mailbox import Mailbox
+
+    box = make_maildir(tmp_path / "Maildir")
+    for sub, name in [("new", "1.A.h"), ("cur", "2.B.h:2,S"), ("cur", "3.C.h:2,S"),
+                      ("cur", "3.C.h"), ("new", "4.D.h"), ("cur", "4.D.h:2,RS")]:
+        (box / sub / name).write_bytes(message())
+    (box / "cur" / "5.E.h:2,S").symlink_to(tmp_path / "elsewhere")
+    os.mkfifo(box / "new" / "6.F.h")
+    uniques = ["1.A.h", "2.B.h", "3.C.h", "4.D.h", "5.E.h", "6.F.h", "7.G.h"]
+    with Mailbox.open(str(box)) as mb:
+        one_by_one = {u: mb.find("", u) for u in uniques}
+        together = mb.find_many("", uniques)
+    assert together == {u: loc for u, loc in one_by_one.items() if loc is not None}
+    assert {u: (loc.subdir, loc.name) for u, loc in together.items()} == {
+        "1.A.h": ("new", "1.A.h"), "2.B.h": ("cur", "2.B.h:2,S"), "3.C.h": ("cur", "3.C.h"),
+        "4.D.h": ("new", "4.D.h")}
+    found = Broker().mailbox_find_many(str(box), "", uniques + ["../x"])
+    assert [None if f is None or isinstance(f, Exception) else f.loc for f in found[:7]] == [
+        one_by_one[u] for u in uniques]
+    assert isinstance(found[7], Exception)
