@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TextIO
 
-from spoolscan.model import Trigger
+from spoolscan.model import Job, Trigger
 from spoolscan.pipeline import Worker
 from spoolscan.progress import ProgressBar
-from spoolscan.sources.base import Source
 from spoolscan.store.repo import GONE, utcnow
 
 log = logging.getLogger(__name__)
@@ -121,7 +120,7 @@ def _feed(worker: Worker, since: datetime | None, source: str | None, fingerprin
     seen = 0
     for rows in store.rescan_candidates(since, fingerprint, source):
         gone: list[int] = []
-        wanted: list[tuple[Source, dict]] = []
+        wanted: list[dict] = []
         for row in rows:
             src = worker.sources.get(row["source"])
             if src is None or not src.owns(row):
@@ -133,17 +132,9 @@ def _feed(worker: Worker, since: datetime | None, source: str | None, fingerprin
                 if digest in first_of_content:
                     continue
                 first_of_content.add(digest)
-            wanted.append((src, row))
-        # Each source finds its messages of the batch at once (one request per folder).
-        by_source: dict[str, list[dict]] = {}
-        for src, row in wanted:
-            by_source.setdefault(src.name, []).append(row)
-        jobs = {id(row): job for name, its in by_source.items()
-                for row, job in zip(its, worker.sources[name].jobs_for(its, Trigger.RESCAN),
-                                    strict=True)}
-        for _src, row in wanted:
+            wanted.append(row)
+        for row, job in zip(wanted, _jobs_for(worker, wanted), strict=True):
             digest = row["content_hash"]
-            job = jobs[id(row)]
             if job is None:
                 gone.append(row["id"])
                 continue
@@ -160,6 +151,20 @@ def _feed(worker: Worker, since: datetime | None, source: str | None, fingerprin
     # pass is over once everything submitted is finished.
     worker.wait_idle(settle=0.0)
     return seen
+
+
+def _jobs_for(worker: Worker, rows: list[dict]) -> list[Job | None]:
+    """A rescan job for each row (None: no longer there); each source finds its
+    messages of the batch at once (the Maildir source: one request per folder)."""
+    by_source: dict[str, list[dict]] = {}
+    for row in rows:
+        by_source.setdefault(row["source"], []).append(row)
+    jobs: dict[int, Job | None] = {}
+    for name, its in by_source.items():
+        for row, job in zip(its, worker.sources[name].jobs_for(its, Trigger.RESCAN),
+                            strict=True):
+            jobs[id(row)] = job
+    return [jobs[id(row)] for row in rows]
 
 
 def rescan_host() -> str:
@@ -200,9 +205,9 @@ def _feed_claimed(worker: Worker, since: datetime | None, source: str | None,
                 continue
             got = store.claim_rescan(fingerprint, list(mine), holder, lease)
             gone: list[str] = []
-            for digest in got:
+            for digest, job in zip(got, _jobs_for(worker, [mine[d] for d in got]),
+                                   strict=True):
                 row = mine[digest]
-                job = worker.sources[row["source"]].job_for(row, Trigger.RESCAN)
                 if job is None:
                     gone.append(digest)
                     continue
