@@ -506,50 +506,67 @@ def is_temp_name(name: str) -> bool:
 
 
 def snapshot(src: int, limit: int, directory: str | None = None,
-             memory: bool = False) -> tuple[int, int]:
+             memory: int | None = None) -> tuple[int, int]:
     """A private copy of the file open at ``src``: (descriptor, size).
 
     At most ``limit + 1`` bytes are copied, so a size above ``limit`` means "larger than
     the limit" whatever the file grows to meanwhile.  The copy is an unnamed file
-    (``O_TMPFILE``) in ``directory`` that nobody else can open, or with ``memory`` an
-    anonymous one in memory (``memfd_create``: no file system work, for small files): a
-    mailbox owner can change their file while it is being scanned, never the copy, so
-    what is hashed, scanned, cached and quarantined is one and the same content.
+    (``O_TMPFILE``) in ``directory`` that nobody else can open, or, for a file of at most
+    ``memory`` bytes, an anonymous one in memory (``memfd_create``: no file system work).
+    A file that turns out larger than ``memory`` while it is copied (its owner made it
+    grow) is copied again into ``directory``: what is kept in memory never exceeds
+    ``memory + 1`` bytes.  A mailbox owner can change their file while it is being
+    scanned, never the copy, so what is hashed, scanned, cached and quarantined is one
+    and the same content.
     """
-    fd = -1
-    if memory:
+    if memory is not None and memory < limit:
         try:
             fd = os.memfd_create("spoolscan-copy", os.MFD_CLOEXEC)
         except (OSError, AttributeError):  # no memfd here: a file, as without ``memory``
             fd = -1
-    if fd < 0:
-        base = directory or tempfile.gettempdir()
-        try:
-            fd = os.open(base, os.O_TMPFILE | os.O_RDWR | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError:  # no O_TMPFILE there: a named file, unlinked at once
-            fd, name = tempfile.mkstemp(dir=base)
-            os.unlink(name)
-    try:
-        copied = 0
-        while copied <= limit:
+        if fd >= 0:
             try:
-                n = os.sendfile(fd, src, copied, min(_COPY_CHUNK, limit + 1 - copied))
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.ENOSYS):
-                    raise
-                chunk = os.pread(src, min(_COPY_CHUNK, limit + 1 - copied), copied)
-                n = len(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
-            if n == 0:
-                break
-            copied += n
+                copied = _copy_into(fd, src, memory)
+            except BaseException:
+                os.close(fd)
+                raise
+            if copied <= memory:
+                os.lseek(fd, 0, os.SEEK_SET)
+                return fd, copied
+            os.close(fd)  # it grew: into the file system, from the start
+    base = directory or tempfile.gettempdir()
+    try:
+        fd = os.open(base, os.O_TMPFILE | os.O_RDWR | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError:  # no O_TMPFILE there: a named file, unlinked at once
+        fd, name = tempfile.mkstemp(dir=base)
+        os.unlink(name)
+    try:
+        copied = _copy_into(fd, src, limit)
         os.lseek(fd, 0, os.SEEK_SET)
         return fd, copied
     except BaseException:
         os.close(fd)
         raise
+
+
+def _copy_into(fd: int, src: int, limit: int) -> int:
+    """Copy at most ``limit + 1`` bytes of ``src`` (from its start) into ``fd``."""
+    copied = 0
+    while copied <= limit:
+        try:
+            n = os.sendfile(fd, src, copied, min(_COPY_CHUNK, limit + 1 - copied))
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise
+            chunk = os.pread(src, min(_COPY_CHUNK, limit + 1 - copied), copied)
+            n = len(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+        if n == 0:
+            break
+        copied += n
+    return copied
 
 
 def write_new(directory: Directory, name: str, stream: BinaryIO, mode: int = 0o600,

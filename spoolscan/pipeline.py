@@ -40,6 +40,7 @@ from spoolscan.model import (
     Outcome,
     Pending,
     Prior,
+    ScanResult,
     State,
     Trigger,
     Verdict,
@@ -217,7 +218,13 @@ class Worker:
             self._pool.submit(self._scan, job)
 
     def _scan(self, job: Job) -> None:
-        self._outcomes.put(self.service.scan(job))
+        try:
+            outcome = self.service.scan(job)
+        except Exception as exc:  # never lose a job: its slot and key go with its outcome
+            log.exception("%s: unexpected error while scanning", job.info.location)
+            outcome = Outcome(job, job.info,
+                              ScanResult(Verdict.ERROR, detail=f"internal error: {exc!r}"))
+        self._outcomes.put(outcome)
 
     def _commit_loop(self) -> None:
         while True:

@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_SNAPSHOT = 1 << 40  # bytes copied when no max_size is configured (never in practice)
-# Private copies of messages up to this size (when opened) are kept in memory: one per scan
-# in flight, each at most max_size + 1 bytes even if the owner makes the file grow.
+# Private copies of messages up to this size are kept in memory: one per scan in flight,
+# each at most MEMORY_COPY_MAX + 1 bytes even if the owner makes the file grow meanwhile.
 MEMORY_COPY_MAX = 1 << 20
 
 
@@ -204,19 +204,12 @@ class ScanService:
         self.fingerprints = FingerprintWatch(self.client, self.store)
 
     def scan(self, job: Job) -> Outcome:
-        """Hash, look up, scan.  Never raises for a problem with the message or clamd."""
-        known = job.known_content
-        if (known is not None and job.listed_size == known[1] and self.use_cache):
-            # A rescan whose listing shows the size recorded: the cache may answer
-            # without opening the file (as it would after opening it, see below).
-            fingerprint = self.fingerprints.current()
-            if fingerprint:
-                self.cache.warm(fingerprint)
-                hit = self.cache.get((known[0], fingerprint))
-                if hit is not None:
-                    info = replace(job.info, content_hash=known[0], size=known[1])
-                    return Outcome(job, info, replace(hit, duration_ms=0), cached=True)
+        """Hash, look up, scan.  Never raises for a problem with the message, clamd or
+        the store (an error outcome says what happened)."""
         try:
+            listed = self._listed_hit(job)
+            if listed is not None:
+                return listed
             with job.open() as opened:
                 return self._scan_opened(job, opened)
         except ContentUnavailable as exc:
@@ -226,6 +219,24 @@ class ScanService:
             log.exception("%s: unexpected error while scanning", job.info.location)
             return Outcome(job, job.info,
                            ScanResult(Verdict.ERROR, detail=f"internal error: {exc!r}"))
+
+    def _listed_hit(self, job: Job) -> Outcome | None:
+        """A rescan whose listing shows the recorded size (within the size limit): the
+        cache may answer without opening the file, as it would after opening it."""
+        known = job.known_content
+        limit = self.client.max_size
+        if (known is None or job.listed_size != known[1] or not self.use_cache
+                or (limit is not None and known[1] > limit)):
+            return None
+        fingerprint = self.fingerprints.current()
+        if not fingerprint:
+            return None
+        self.cache.warm(fingerprint)
+        hit = self.cache.get((known[0], fingerprint))
+        if hit is None:
+            return None
+        info = replace(job.info, content_hash=known[0], size=known[1])
+        return Outcome(job, info, replace(hit, duration_ms=0), cached=True)
 
     def _scan_opened(self, job: Job, opened: Opened) -> Outcome:
         limit = self.client.max_size
@@ -267,12 +278,12 @@ class ScanService:
             # private copy, never the live file (else the verdict for one content could
             # be cached under the hash of another, for every copy of it).
             # A small message is copied into memory (no file system work: on ext4 that
-            # is most of the cost of a copy); a large one into the snapshot directory.
+            # is most of the cost of a copy); a large one, or one that grows past
+            # MEMORY_COPY_MAX while it is copied, into the snapshot directory.
             small = opened.size is not None and opened.size <= MEMORY_COPY_MAX
             snap_fd, size = fsutil.snapshot(opened.fd, limit if limit is not None
-                                            else MAX_SNAPSHOT,
-                                            None if small else self._snapshot_dir(),
-                                            memory=small)
+                                            else MAX_SNAPSHOT, self._snapshot_dir(),
+                                            memory=MEMORY_COPY_MAX if small else None)
             with open(snap_fd, "rb", buffering=0, closefd=True) as stream:
                 private = Opened(stream=stream, fd=snap_fd, size=size)  # type: ignore[arg-type]
                 if limit is not None and size > limit:  # it grew past the limit meanwhile

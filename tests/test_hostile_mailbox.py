@@ -514,7 +514,7 @@ def test_a_message_that_grows_while_read_is_cut_at_the_limit(arena, cfg_for, sto
 
     real = fsutil.snapshot
 
-    def owner_grows_it_first(src, limit, directory=None, memory=False):  # type: ignore[no-untyped-def]
+    def owner_grows_it_first(src, limit, directory=None, memory=None):  # type: ignore[no-untyped-def]
         if os.fstat(src).st_size < 10_000:
             os.truncate(grown, 1 << 40)  # 1 TiB, sparse: as the owner could
         return real(src, limit, directory, memory)
@@ -551,6 +551,31 @@ def test_a_message_that_grows_while_hashed_for_the_cache_is_cut_at_the_limit(
     assert time.monotonic() - started < 60  # no thread reads a terabyte
     by_name = {r["identity"].rpartition("/")[2]: r for r in rows(store)}
     assert by_name[grown.name]["verdict"] == "unchecked"
+
+
+def test_a_small_message_grown_while_copied_is_not_copied_into_memory(tmp_path):
+    """Small messages are copied into memory; one its owner makes grow (sparse, costing
+    them nothing) while it is copied goes to the file system instead: memory holds at
+    most the in-memory bound, whatever the size limit."""
+    from spoolscan import fsutil
+
+    small = tmp_path / "small"
+    small.write_bytes(b"x" * 100)
+    grown = tmp_path / "grown"
+    grown.write_bytes(b"x" * 100)
+    with open(small, "rb") as s, open(grown, "rb") as g:
+        fd, size = fsutil.snapshot(s.fileno(), 50 << 20, str(tmp_path), memory=1 << 20)
+        try:
+            assert size == 100 and os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
+        finally:
+            os.close(fd)
+        os.truncate(grown, 8 << 20)  # after the open, before the copy
+        fd, size = fsutil.snapshot(g.fileno(), 50 << 20, str(tmp_path), memory=1 << 20)
+        try:
+            assert size == 8 << 20
+            assert not os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
+        finally:
+            os.close(fd)
 
 
 def test_leased_files_do_not_stall_the_others(arena, cfg_for, run_once, store):

@@ -249,3 +249,44 @@ def test_copies_answered_from_the_cache_are_not_even_opened(config, store, tmp_p
     assert not any(p.exists() for p in copies)
     quarantined = list(tmp_path.glob("vmail/*/Maildir/.Quarantine/*/*"))
     assert len(quarantined) == 5
+
+
+def test_a_store_error_while_answering_from_the_cache_fails_one_message_not_the_rescan(
+        config, store, tmp_path, updatable_clamd, monkeypatch):
+    """The store failing while a copy is answered from the cache (without opening it)
+    makes that message an error, retried later: the rescan still finishes."""
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    from spoolscan.scan import VerdictCache
+
+    marked = message(subject="copy, marked", body=MARKER.decode() + "\n")
+    for i in range(3):
+        box = make_maildir(tmp_path / "vmail" / f"u{i}" / "Maildir")
+        deliver(box, f"Delivered-To: u{i}@example.org\n".encode() + marked)
+    cfg = maildir_config(config, updatable_clamd, str(tmp_path / "vmail" / "*" / "Maildir"))
+    build_worker(cfg, store).run_once()
+    updatable_clamd.publish_daily(27002, extra_ndb=(NEW_SIGNATURE,))
+    real_get = VerdictCache.get
+    failed = []
+
+    def get_failing_once_for_a_copy(self, key):  # type: ignore[no-untyped-def]
+        if not failed and threading.current_thread().name.startswith("scan") and \
+                real_get(self, key) is not None:
+            failed.append(key)
+            raise OperationalError("SELECT", {}, Exception("database is locked"))
+        return real_get(self, key)
+
+    monkeypatch.setattr(VerdictCache, "get", get_failing_once_for_a_copy)
+    worker = build_worker(cfg, store)
+    worker.start(watch=False)
+    done = []
+    try:
+        thread = threading.Thread(target=lambda: done.append(rescan(worker, since=None)))
+        thread.start()
+        thread.join(timeout=120)
+    finally:
+        worker.stop()
+    assert failed and done, "the rescan did not finish"
+    assert done[0].errors >= 1
