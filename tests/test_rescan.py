@@ -41,6 +41,16 @@ def rows(store: Store, sql: str) -> list[dict]:
         return [dict(r) for r in conn.execute(text(sql)).mappings()]
 
 
+def rescan_once(cfg: Config, store: Store):  # type: ignore[no-untyped-def]
+    """A worker started for one ``rescan`` of everything, stopped after it."""
+    worker = build_worker(cfg, store)
+    worker.start(watch=False)
+    try:
+        return rescan(worker, since=None)
+    finally:
+        worker.stop()
+
+
 def deliver_corpus(root: Path) -> dict[str, Path]:
     box = make_maildir(root / "alice" / "Maildir", folders=(".Lists",))
     return {
@@ -202,12 +212,7 @@ def test_copies_cost_one_scan_and_every_infected_copy_is_quarantined(config, sto
     build_worker(cfg, store).run_once()
     updatable_clamd.publish_daily(27002, extra_ndb=(NEW_SIGNATURE,))
     before = updatable_clamd.scan_count()
-    worker = build_worker(cfg, store)
-    worker.start(watch=False)
-    try:
-        summary = rescan(worker, since=None)
-    finally:
-        worker.stop()
+    summary = rescan_once(cfg, store)
     assert updatable_clamd.scan_count() - before == 2  # one per distinct content
     assert (summary.candidates, summary.scanned, summary.retroactive) == (12, 12, 6)
     assert not any(p.exists() for p in copies)
@@ -238,12 +243,7 @@ def test_copies_answered_from_the_cache_are_not_even_opened(config, store, tmp_p
         return real_open(self, loc)
 
     monkeypatch.setattr(Broker, "mailbox_open", counting_open)
-    worker = build_worker(cfg, store)
-    worker.start(watch=False)
-    try:
-        summary = rescan(worker, since=None)
-    finally:
-        worker.stop()
+    summary = rescan_once(cfg, store)
     assert (summary.candidates, summary.retroactive) == (5, 5)
     assert len(opened) == 1  # the copy clamd scanned; the four others were not opened
     assert not any(p.exists() for p in copies)
