@@ -519,7 +519,7 @@ def snapshot(src: int, limit: int, directory: str | None = None,
     scanned, never the copy, so what is hashed, scanned, cached and quarantined is one
     and the same content.
     """
-    if memory is not None and memory < limit:
+    if memory is not None and memory < limit and os.fstat(src).st_size <= memory:
         try:
             fd = os.memfd_create("spoolscan-copy", os.MFD_CLOEXEC)
         except (OSError, AttributeError):  # no memfd here: a file, as without ``memory``

@@ -134,25 +134,22 @@ def _why(exc: BaseException) -> str:
     return str(exc)
 
 
-@contextlib.contextmanager
-def open_target(target: Target, broker: Broker) -> Iterator[Opened]:
+def open_target(target: Target, broker: Broker) -> contextlib.AbstractContextManager[Opened]:
     """Open a file found by the Finder, through the broker (regular files only)."""
     if target.problem is not None:
         raise ContentUnavailable(f"{target.path}: {target.problem}")
+    opened: OpenFile | Exception
     try:
         opened = broker.path_open(target.path)
-    except FileNotFoundError:
-        raise ContentUnavailable(f"{target.path}: no longer exists", gone=True) from None
     except (OSError, UnsafeFile) as exc:
-        raise ContentUnavailable(f"{target.path}: cannot open: {_why(exc)}") from None
-    with opened, open(opened.fd, "rb", buffering=0, closefd=False) as stream:
-        yield Opened(stream=stream, fd=opened.fd, size=opened.st.st_size,  # type: ignore[arg-type]
-                     shared=True)
+        opened = exc
+    return _use_opened(target, opened)
 
 
 @contextlib.contextmanager
 def _use_opened(target: Target, opened: OpenFile | Exception) -> Iterator[Opened]:
-    """A file opened ahead of its scan (``jobs_for``), or why it could not be."""
+    """The content of a file opened (``open_target``, or ahead of its scan by
+    ``jobs_for``), or why it could not be."""
     if isinstance(opened, FileNotFoundError):
         raise ContentUnavailable(f"{target.path}: no longer exists", gone=True)
     if isinstance(opened, Exception):

@@ -43,7 +43,7 @@ from typing import Any, Final
 
 from spoolscan.broker import FIND_BATCH, Broker, FolderListing, Found, MailboxListing
 from spoolscan.config import Config, ConfigError
-from spoolscan.fsutil import OpenFile, UnsafeFile, check_name
+from spoolscan.fsutil import OpenFile, UnsafeFile
 from spoolscan.mailbox import Location
 from spoolscan.postfix import commands
 from spoolscan.postfix.queuedir import HoldEntry
@@ -357,8 +357,7 @@ class Helper:
         names = [str(n) for n in names]
         if len(names) > OPEN_BATCH:
             raise HelperError(f"path_open_many: more than {OPEN_BATCH} names")
-        for name in names:
-            check_name(name)
+        for name in names:  # each name is checked as one component by the broker
             self.policy.path(os.path.join(directory, name))
         result: list = []
         fds: list[int] = []

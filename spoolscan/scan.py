@@ -223,13 +223,18 @@ class ScanService:
     def _listed_hit(self, job: Job) -> Outcome | None:
         """A rescan whose listing shows the recorded size (within the size limit): the
         cache may answer without opening the file, as it would after opening it."""
-        known = job.known_content
-        limit = self.client.max_size
-        if (known is None or job.listed_size != known[1] or not self.use_cache
+        known, limit = job.known_content, self.client.max_size
+        if (known is None or job.listed_size is None
                 or (limit is not None and known[1] > limit)):
             return None
-        fingerprint = self.fingerprints.current()
-        if not fingerprint:
+        return self._known_hit(job, job.listed_size, self.fingerprints.current())
+
+    def _known_hit(self, job: Job, size: int | None, fingerprint: str | None
+                   ) -> Outcome | None:
+        """A rescan: the content hash recorded at arrival answers from the cache without
+        reading anything, if the file still has the recorded ``size``."""
+        known = job.known_content
+        if known is None or size != known[1] or not fingerprint or not self.use_cache:
             return None
         self.cache.warm(fingerprint)
         hit = self.cache.get((known[0], fingerprint))
@@ -248,16 +253,9 @@ class ScanService:
         # Read the fingerprint before scanning: the stamp may be older than the
         # signatures used, never newer (see ClamdClient.fingerprint).
         fingerprint = self.fingerprints.current()
-        known = job.known_content
-        if (known is not None and opened.size == known[1] and fingerprint
-                and self.use_cache):
-            # A rescan: the content hash recorded at arrival answers from the cache
-            # without reading anything.  A miss reads (and hashes) the content again.
-            self.cache.warm(fingerprint)
-            hit = self.cache.get((known[0], fingerprint))
-            if hit is not None:
-                info = replace(job.info, content_hash=known[0], size=known[1])
-                return Outcome(job, info, replace(hit, duration_ms=0), cached=True)
+        known = self._known_hit(job, opened.size, fingerprint)
+        if known is not None:
+            return known  # a miss reads (and hashes) the content again, below
         missed = None
         if opened.shared and opened.fd is not None:
             if fingerprint and self.use_cache:
@@ -278,12 +276,10 @@ class ScanService:
             # private copy, never the live file (else the verdict for one content could
             # be cached under the hash of another, for every copy of it).
             # A small message is copied into memory (no file system work: on ext4 that
-            # is most of the cost of a copy); a large one, or one that grows past
-            # MEMORY_COPY_MAX while it is copied, into the snapshot directory.
-            small = opened.size is not None and opened.size <= MEMORY_COPY_MAX
+            # is most of the cost of a copy); a large one into the snapshot directory.
             snap_fd, size = fsutil.snapshot(opened.fd, limit if limit is not None
                                             else MAX_SNAPSHOT, self._snapshot_dir(),
-                                            memory=MEMORY_COPY_MAX if small else None)
+                                            memory=MEMORY_COPY_MAX)
             with open(snap_fd, "rb", buffering=0, closefd=True) as stream:
                 private = Opened(stream=stream, fd=snap_fd, size=size)  # type: ignore[arg-type]
                 if limit is not None and size > limit:  # it grew past the limit meanwhile

@@ -203,7 +203,9 @@ class MaildirSource(Source):
                            f"{self.name}: {where}: {total} entries skipped ({what}; never "
                            f"followed or opened), e.g. {example}")
 
-    def locate(self, row: dict) -> Sighting | None:
+    def _place(self, row: dict) -> tuple[str, str, str] | None:
+        """(mailbox root, folder, unique part) of a stored message's identity; None if
+        no configured mailbox holds it."""
         folder_path, _, unique = row["identity"].rpartition("/")
         root = self._root_of(folder_path + "/")
         if root is None:
@@ -211,6 +213,13 @@ class MaildirSource(Source):
         folder = folder_path[len(root) + 1:] if folder_path != root else ""
         if folder and not is_folder_name(folder):
             return None
+        return root, folder, unique
+
+    def locate(self, row: dict) -> Sighting | None:
+        place = self._place(row)
+        if place is None:
+            return None
+        root, folder, unique = place
         try:
             loc = self.broker.mailbox_find(root, folder, unique)
         except (OSError, UnsafeFile):
@@ -225,14 +234,9 @@ class MaildirSource(Source):
         jobs: list[Job | None] = [None] * len(rows)
         groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
         for i, row in enumerate(rows):
-            folder_path, _, unique = row["identity"].rpartition("/")
-            root = self._root_of(folder_path + "/")
-            if root is None:
-                continue
-            folder = folder_path[len(root) + 1:] if folder_path != root else ""
-            if folder and not is_folder_name(folder):
-                continue
-            groups.setdefault((root, folder), []).append((i, unique))
+            place = self._place(row)
+            if place is not None:
+                groups.setdefault(place[:2], []).append((i, place[2]))
         for (root, folder), wanted in groups.items():
             for start in range(0, len(wanted), FIND_BATCH):
                 part = wanted[start:start + FIND_BATCH]

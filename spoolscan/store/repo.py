@@ -79,13 +79,32 @@ _MESSAGE_FIELDS = ("location", "queue_id", "host", "sender", "recipients", "nrcp
                    "sender_domain")
 
 
-# Statements run for every batch, built once (see Store.__init__).
+# Statements run for every batch, built once: building one cost more than running it
+# for a small batch (the hold queue's).
 _SCAN_INSERT = insert(scans).returning(scans.c.id, scans.c.message_id)
 _VERDICT_UPDATE = update(messages).where(messages.c.id == bindparam("b_id")).values(
     verdict=bindparam("b_verdict"), signature=bindparam("b_signature"),
     state=bindparam("b_state"), attempts=bindparam("b_attempts"),
     next_attempt_at=bindparam("b_next"), last_error=bindparam("b_error"),
     updated_at=bindparam("b_now"))
+
+
+# An action's outcome on its message row (see Store.record_actions).
+_FAILED = bindparam("b_failed", type_=Boolean)
+_FINISHED = bindparam("b_finished", type_=Boolean)
+_ACTION_UPDATE = update(messages).where(messages.c.id == bindparam("b_id")).values(
+    updated_at=bindparam("b_now"),
+    # Another process that found the message already gone must not undo a finished
+    # action: "gone" never overrides "done".
+    state=case((and_(bindparam("b_gone", type_=Boolean), messages.c.state == DONE),
+                messages.c.state),
+               else_=func.coalesce(bindparam("b_state"), messages.c.state)),
+    location=func.coalesce(bindparam("b_location"), messages.c.location),
+    # A finished message's failures are history; a failed action is one.
+    attempts=case((_FINISHED, 0), (_FAILED, messages.c.attempts + 1),
+                  else_=messages.c.attempts),
+    next_attempt_at=case((_FAILED, bindparam("b_next")), else_=messages.c.next_attempt_at),
+    last_error=case((_FAILED, bindparam("b_detail")), else_=messages.c.last_error))
 
 
 def _stored(params: dict[str, object]) -> dict[str, object]:
@@ -252,10 +271,17 @@ class Store:
         else:
             from sqlalchemy.dialects.sqlite import insert as sqlite_insert
             self._insert = sqlite_insert
-        # The statements of every batch, built once: building one (the upsert's
-        # ``excluded`` columns above all) cost more than running it for a small batch.
-        self._message_upsert: Any = None
-        self._action_update: Any = None
+        # Built once, like the other statements of every batch (_SCAN_INSERT...), but
+        # in the dialect in use.
+        upsert = self._insert(messages)
+        excluded = upsert.excluded
+        # Keep what we knew when a later sighting knows less (e.g. envelope fields).
+        keep = {k: func.coalesce(excluded[k], messages.c[k]) for k in _MESSAGE_FIELDS}
+        self._message_upsert = upsert.on_conflict_do_update(
+            index_elements=["source", "identity"], set_=keep).returning(
+            messages.c.source, messages.c.identity, messages.c.id, messages.c.state,
+            messages.c.verdict, messages.c.signature, messages.c.attempts,
+            messages.c.first_seen_at)
 
     @classmethod
     def open(cls, url: str, check: bool = True) -> Store:
@@ -386,16 +412,6 @@ class Store:
                          now: datetime) -> list[Row]:
         """Insert or update message rows; returns (id, state, verdict, signature,
         attempts) as they were before this batch (the upsert does not touch those)."""
-        if self._message_upsert is None:
-            stmt = self._insert(messages)
-            excluded = stmt.excluded
-            # Keep what we knew when a later sighting knows less (e.g. envelope fields).
-            keep = {k: func.coalesce(excluded[k], messages.c[k]) for k in _MESSAGE_FIELDS}
-            self._message_upsert = stmt.on_conflict_do_update(
-                index_elements=["source", "identity"], set_=keep).returning(
-                messages.c.source, messages.c.identity, messages.c.id, messages.c.state,
-                messages.c.verdict, messages.c.signature, messages.c.attempts,
-                messages.c.first_seen_at)
         params = [_stored({"source": i.source, "kind": i.kind, "identity": i.identity,
                            "first_seen_at": now, "state": SEEN, "attempts": 0,
                            **_message_values(i, now)}) for i in infos]
@@ -577,36 +593,13 @@ class Store:
                 "quarantine_path": r.quarantine_path, "original_path": r.original_path,
             }) for r in records])
             conn.execute(
-                self._action_update_stmt(),
+                _ACTION_UPDATE,
                 [_stored({"b_id": r.message_id, "b_now": now, "b_state": r.state,
                           "b_location": r.location,
                           "b_finished": r.outcome == "ok" and r.state == DONE,
                           "b_failed": r.outcome == "failed", "b_gone": r.outcome == "gone",
                           "b_next": r.next_attempt_at,
                           "b_detail": r.detail}) for r in records])
-
-    def _action_update_stmt(self) -> Any:
-        if self._action_update is None:
-            failed = bindparam("b_failed", type_=Boolean)
-            finished = bindparam("b_finished", type_=Boolean)
-            self._action_update = (
-                update(messages).where(messages.c.id == bindparam("b_id")).values(
-                    updated_at=bindparam("b_now"),
-                    # Another process that found the message already gone must not
-                    # undo a finished action: "gone" never overrides "done".
-                    state=case((and_(bindparam("b_gone", type_=Boolean),
-                                     messages.c.state == DONE), messages.c.state),
-                               else_=func.coalesce(bindparam("b_state"), messages.c.state)),
-                    location=func.coalesce(bindparam("b_location"), messages.c.location),
-                    # A finished message's failures are history; a failed action is one.
-                    attempts=case((finished, 0),
-                                  (failed, messages.c.attempts + 1),
-                                  else_=messages.c.attempts),
-                    next_attempt_at=case((failed, bindparam("b_next")),
-                                         else_=messages.c.next_attempt_at),
-                    last_error=case((failed, bindparam("b_detail")),
-                                    else_=messages.c.last_error)))
-        return self._action_update
 
     def set_state(self, message_ids: Iterable[int], state: str, detail: str | None = None
                   ) -> None:
