@@ -162,6 +162,13 @@ def test_files_opened_together_are_each_refused_or_opened_on_their_own(tmp_path)
             ask(str(scanned), bad)
     with pytest.raises(PermissionError):
         ask(str(tmp_path), ["secret"])
+    # The directory swapped for a symlink to elsewhere: the walk refuses it, nothing opened.
+    os.rename(scanned, tmp_path / "moved")
+    os.symlink(tmp_path / "moved", scanned)
+    with pytest.raises(UnsafeFile):
+        ask(str(scanned), ["a.eml"])
+    os.unlink(scanned)
+    os.rename(tmp_path / "moved", scanned)
     local = Broker().path_open_many(str(scanned), ["a.eml", "link.eml"])
     assert isinstance(local[0], OpenFile) and isinstance(local[1], UnsafeFile)
     local[0].close()
@@ -199,19 +206,21 @@ def test_messages_looked_for_together_are_each_found_on_their_own(tmp_path):
 
 
 def test_scan_as_root_of_many_files_scans_each_once(config, tmp_path):
-    """Files opened in batches through the helper: more files than two batches, every
-    file scanned and named once."""
+    """Files opened in batches through the helper: more files than two batches, one
+    named with bytes that are not UTF-8, every file scanned and named once."""
     box = tmp_path / "many"
     box.mkdir()
     for i in range(70):
         (box / f"m{i:02d}.eml").write_bytes(eicar_message() if i % 30 == 0 else message())
+    (box / os.fsdecode(b"not-utf8-\xff.eml")).write_bytes(message())  # any bytes
     config_file = write_config(tmp_path / "scan.toml", config)
     result = subprocess.run([sys.executable, "-m", "spoolscan", "--config", str(config_file),
                              "scan", "--no-store", str(box)], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith(str(box))]
-    assert len(lines) == 70 and len(set(lines)) == 70
+    assert len(lines) == 71 and len(set(lines)) == 71
+    assert any("not-utf8-\\xff.eml: OK" in line for line in lines)
     assert sum(line.endswith(" FOUND") for line in lines) == 3
 
 
