@@ -8,13 +8,13 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from spoolscan.store.models import Base
+from spoolscan.store.models import metadata
 
 config = context.config
 if config.config_file_name is not None and not config.attributes.get("connection"):
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def _url() -> str:

@@ -40,19 +40,17 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from string import Template
-from typing import cast
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import insert, select, update
 
 from spoolscan.config import NotifyConfig
 from spoolscan.model import Action, Pending, State, Verdict
-from spoolscan.store.models import Notice
+from spoolscan.store.models import notices
 from spoolscan.store.repo import Store, as_utc, utcnow
 from spoolscan.text import escape, printable
 
 log = logging.getLogger(__name__)
 
-notices = cast(Table, Notice.__table__)
 
 #: The placeholders a template can use.
 FIELDS = ("event", "id", "queue_id", "location", "source", "host", "sender", "recipients",

@@ -308,3 +308,21 @@ def test_a_gone_result_from_another_process_does_not_undo_a_finished_action(stor
     store.record_actions([ActionRecord(message_id, None, "release", "gone", state=GONE)])
     with store.engine.connect() as conn:
         assert conn.execute(text("SELECT state FROM messages")).scalar() == DONE
+
+
+def test_the_tables_the_code_uses_are_the_tables_the_migrations_make(db_url):
+    # The code's table definitions and the migrations are written separately: a column
+    # type, nullability, index or foreign key that differs would only show up on a
+    # real database.  Alembic's comparison lists every difference.
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from spoolscan.store.models import metadata
+
+    engine = create_engine_for(db_url)
+    try:
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    finally:
+        engine.dispose()
+    assert diff == []

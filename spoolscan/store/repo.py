@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     Boolean,
@@ -20,7 +20,6 @@ from sqlalchemy import (
     Engine,
     Row,
     RowMapping,
-    Table,
     and_,
     bindparam,
     case,
@@ -39,29 +38,20 @@ from spoolscan.backoff import Retry
 from spoolscan.model import Decision, MessageInfo, Prior, ReleaseTicket, State, Verdict
 from spoolscan.store.db import check_schema, create_engine_for
 from spoolscan.store.models import (
-    Action,
-    Fingerprint,
-    HostRescan,
-    Message,
-    MessageRecipient,
-    Release,
-    RescanClaim,
-    Scan,
-    ScanClaim,
+    actions,
+    fingerprints,
+    host_rescans,
+    message_recipients,
+    messages,
+    releases,
+    rescan_claims,
+    scan_claims,
+    scans,
 )
 from spoolscan.text import escape, unescape
 
 log = logging.getLogger(__name__)
 
-messages = cast(Table, Message.__table__)
-scans = cast(Table, Scan.__table__)
-actions = cast(Table, Action.__table__)
-fingerprints = cast(Table, Fingerprint.__table__)
-message_recipients = cast(Table, MessageRecipient.__table__)
-releases = cast(Table, Release.__table__)
-rescan_claims = cast(Table, RescanClaim.__table__)
-host_rescans = cast(Table, HostRescan.__table__)
-scan_claims = cast(Table, ScanClaim.__table__)
 
 # The lifecycle recorded in messages.state (see spoolscan.model.State).
 SEEN, VERDICT, ACTING, DONE = State.SEEN, State.VERDICT, State.ACTING, State.DONE
