@@ -6,6 +6,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from sqlalchemy import inspect, text
 
 from spoolscan.store.db import create_engine_for, schema_status, upgrade
@@ -326,3 +327,27 @@ def test_the_tables_the_code_uses_are_the_tables_the_migrations_make(db_url):
     finally:
         engine.dispose()
     assert diff == []
+
+
+def test_a_new_sqlite_store_is_migrated_in_a_process_of_its_own(tmp_path):
+    # The migration's libraries (~15 MB) must not stay loaded in a long-running worker.
+    from spoolscan.store.db import SCHEMA_HEAD, upgrade_apart
+
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    before = {m for m in sys.modules if m.split(".")[0] in ("alembic", "mako")}
+    upgrade_apart(url)
+    engine = create_engine_for(url)
+    try:
+        assert schema_status(engine) == (SCHEMA_HEAD, SCHEMA_HEAD)
+    finally:
+        engine.dispose()
+    assert {m for m in sys.modules if m.split(".")[0] in ("alembic", "mako")} == before
+
+
+def test_a_migration_apart_that_fails_says_why(tmp_path):
+    from spoolscan.store import StoreError
+    from spoolscan.store.db import upgrade_apart
+
+    (tmp_path / "a-directory.db").mkdir()
+    with pytest.raises(StoreError, match="cannot create the schema in .*a-directory.db: .+"):
+        upgrade_apart(f"sqlite:///{tmp_path / 'a-directory.db'}")

@@ -8,7 +8,10 @@ scanner threads) do not block the writer; PostgreSQL is reached through psycopg 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -119,6 +122,28 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     with engine.connect() as conn, foreign_keys_off(conn), conn.begin():
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+
+
+def upgrade_apart(url: str) -> None:
+    """``upgrade`` to head in a short-lived Python process of its own.
+
+    Alembic, Mako and Pygments, which a migration loads, take ~15 MB that a long-running
+    worker would carry for its whole life (``bench/hold_queue --memory`` on a new store).
+    Raises StoreError with the migration's own error if it fails."""
+    package_root = str(Path(spoolscan.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    code = ("import sys\n"
+            "from spoolscan.store.db import create_engine_for, upgrade\n"
+            "engine = create_engine_for(sys.argv[1])\n"
+            "upgrade(engine)\n"
+            "engine.dispose()\n")
+    done = subprocess.run([sys.executable, "-c", code, url], env=env, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+    if done.returncode != 0:
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise StoreError(f"cannot create the schema in {redact_url(url)}: "
+                         f"{lines[-1] if lines else f'exit status {done.returncode}'}")
 
 
 def current_revision(engine: Engine) -> str | None:
