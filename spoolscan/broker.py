@@ -254,11 +254,13 @@ class Broker:
     def hold_entries(self, queue_dir: str) -> tuple[list[HoldEntry], list[str]]:
         return self._hold_queue(queue_dir).entries()
 
-    def hold_names(self, queue_dir: str) -> tuple[list[str], list[str]]:
-        """(names of the files in hold/, oldest first; names that are not queue files).
-        Names only: a backlog of 100,000 costs a few MB, not its entries."""
+    def hold_names(self, queue_dir: str) -> tuple[str, list[str]]:
+        """(names of the files in hold/, oldest first, one per line; names that are not
+        queue files).  One string of names, not a list: a backlog of 100,000 is ~1.3 MB
+        in the worker instead of ~7 MB of string objects (queue file names hold no
+        newline: ``entries`` lists only names of the queue ID form)."""
         entries, strange = self._hold_queue(queue_dir).entries()
-        return [e.rel for e in entries], strange
+        return "\n".join(e.rel for e in entries), strange
 
     def hold_backlog(self, queue_dir: str) -> tuple[int, int]:
         """(files in hold/, modification time of the oldest in ns; 0 when empty)."""

@@ -562,9 +562,9 @@ class RemoteBroker:
         entries, strange = self._value("hold_entries", queue_dir)
         return [e for e in map(_entry, entries) if e is not None], list(strange)
 
-    def hold_names(self, queue_dir: str) -> tuple[list[str], list[str]]:
+    def hold_names(self, queue_dir: str) -> tuple[str, list[str]]:
         names, strange = self._value("hold_names", queue_dir)
-        return [str(n) for n in names], [str(s) for s in strange]
+        return str(names), [str(s) for s in strange]
 
     def hold_backlog(self, queue_dir: str) -> tuple[int, int]:
         count, oldest = self._value("hold_backlog", queue_dir)

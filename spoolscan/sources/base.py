@@ -26,7 +26,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
@@ -83,6 +83,39 @@ def needs_work(row: dict | None, now: datetime) -> bool:
             return state == State.RETRY
         return due <= now
     return True
+
+
+class Seen:
+    """The identities one sweep saw, in a fixed 1 MiB whatever the backlog (a set of the
+    hashes of 100,000 identities took ~7 MB for the whole drain of that backlog).
+
+    One bit per hash of (this sweep's salt, identity).  An identity added is always
+    found.  One not added is found by mistake with a small probability (~1% with 100,000
+    added, ~11% with a million): that only makes a vanished message wait for a later
+    sweep to be marked gone, and a later sweep has another salt, so it is not the same
+    message every time."""
+
+    BITS = 1 << 23
+
+    def __init__(self) -> None:
+        self._bits = bytearray(self.BITS // 8)
+        self._salt = "\0" + os.urandom(8).hex()
+
+    def _bit(self, identity: str) -> tuple[int, int]:
+        # The salt inside the hashed string: str's hash (SipHash) of another string is
+        # independent, where mixing a salt into a tuple's hash keeps its collisions.
+        h = hash(identity + self._salt) & (self.BITS - 1)
+        return h >> 3, 1 << (h & 7)
+
+    def add(self, identity: str) -> None:
+        byte, mask = self._bit(identity)
+        self._bits[byte] |= mask
+
+    def __contains__(self, identity: object) -> bool:
+        if not isinstance(identity, str):
+            return False
+        byte, mask = self._bit(identity)
+        return bool(self._bits[byte] & mask)
 
 
 class HandOver:
@@ -273,15 +306,12 @@ class Source(ABC):
         """Jobs for every message that needs work (``needs_work``), looked up in the
         store by batches; then reconciles what vanished."""
         started = utcnow()
-        # What is there, as hashes of the identities: a backlog of 100,000 costs a few MB
-        # instead of tens.  A collision only makes a vanished message wait for the next
-        # sweep to be marked gone.
-        present: set[int] = set()
+        present = Seen()
         batch: list[Sighting] = []
         seen = handed = 0
         for sighting in self.sightings():
             seen += 1
-            present.add(hash(sighting.identity))
+            present.add(sighting.identity)
             batch.append(sighting)
             if len(batch) >= LOOKUP_BATCH:
                 for job in self._due(batch):
@@ -345,13 +375,13 @@ class Source(ABC):
         """``job_for`` of each row (a source may find many at once)."""
         return [self.job_for(row, trigger) for row in rows]
 
-    def reconcile(self, present: set[int], started: datetime) -> int:
+    def reconcile(self, present: Container[str], started: datetime) -> int:
         """Open messages of this source that are no longer where they rest: an action
         interrupted after it took effect (a pending intent) is recorded as done, the
         others as gone.  Only rows last touched before the listing began are judged, and
         each is looked for once more.  Returns how many were marked gone."""
         missing = [r for r in self.store.open_messages(self.name)
-                   if hash(r["identity"]) not in present and self.owns(r)
+                   if r["identity"] not in present and self.owns(r)
                    and (as_utc(r["updated_at"]) or started) < started
                    and not self.handed.under_way(r)
                    # Acted on right now: its own action records the outcome (a second
