@@ -108,7 +108,7 @@ def acting_as(uid: int, gid: int) -> Iterator[None]:
 # --- directories -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a listing of 100,000 names
 class Entry:
     """A name in a directory listing and what it is, without following it."""
 
