@@ -2,6 +2,8 @@
 
 import io
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mail import message
 
 from spoolscan.content import HEADER_VALUE_LIMIT, Headers, content_hash, parse_headers
@@ -206,3 +208,62 @@ def test_only_postfix_own_spacing_and_name_count_as_its_received_field():
     # A message whose first field looks like the hashed form of Postfix's field is not it.
     forged = b"Received: from client.example (localhost [127.0.0.1]) by (Postfix)\n" + body
     assert content_hash(io.BytesIO(forged)).sha256 != content_hash(io.BytesIO(one)).sha256
+
+
+def _headers_line_by_line(head: bytes) -> Headers:
+    """The header rules read one line at a time, as plainly as they are stated: the
+    reference ``parse_headers`` (one regular expression) must agree with."""
+    import re
+
+    from spoolscan.content import RELEASE_TOKEN, decode_value
+
+    wanted = {b"subject": "subject", b"message-id": "message_id", b"from": "header_from",
+              b"x-spoolscan-release": "release_token"}
+    found: dict[str, bytes] = {}
+    current = None
+    end = re.search(rb"\n\r?\n", head)
+    section = head[:end.start()].rstrip(b"\r") if end else head
+    for line in re.split(rb"\r?\n", section):
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:
+                found[current] += line
+            continue
+        current = None
+        colon = line.find(b":")
+        if colon <= 0:
+            continue
+        key = wanted.get(line[:colon].strip(b" \t").lower())
+        if key is not None and key not in found:
+            found[key] = line[colon + 1:]
+            current = key
+    values = {key: decode_value(raw) for key, raw in found.items()}
+    token = values.pop("release_token", None)
+    if token is not None and RELEASE_TOKEN.fullmatch(token):
+        values["release_token"] = token
+    return Headers(**values)
+
+
+FIELD_PIECES = st.lists(st.one_of(
+    st.sampled_from([b"Subject:", b"From:", b"Message-ID:", b"subject \t:", b"FROM :",
+                     b"X-Spoolscan-Release: ", b"0123456789abcdef0123456789abcdef",
+                     b"From x:", b" ", b"\t", b":", b"\r", b"\n", b"\r\n", b"\r\n ", b"\n\t",
+                     b"\r\r\n", b"\n\n", b"\r\n\r\n", b"=?utf-8?q?a?=", b"<a@b>", b"x",
+                     b"\xff"]),
+    st.binary(max_size=12)), max_size=30)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(pieces=FIELD_PIECES)
+def test_headers_are_found_as_the_line_by_line_rules_say(pieces):
+    head = b"".join(pieces)
+    assert parse_headers(head) == _headers_line_by_line(head)
+
+
+def test_header_edge_cases_agree_with_the_line_by_line_rules():
+    for head in (b"", b"\n", b"\r\n", b"\nSubject: x\n\n", b"\r\nSubject: x",
+                 b"Subject: a\r\r\nFrom: b\r\r", b"Subject: a\r\n b\r\n\tc\r\nFrom:\r\n x",
+                 b"X: a\n Subject: b\nSubject: c", b"\rSubject: x", b"Subject: a\rFrom: b",
+                 b"Subject: first\nSubject: second\n more\n\nFrom: body"):
+        assert parse_headers(head) == _headers_line_by_line(head), head

@@ -25,6 +25,8 @@ checks that these definitions are exactly what the migrations create.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -65,7 +67,7 @@ def _id() -> Column:
 
 
 def _refers(name: str, target: str, ondelete: str, required: bool = False,
-            **kw: object) -> Column:
+            **kw: Any) -> Column:
     return Column(name, ForeignKey(target, ondelete=ondelete), nullable=not required, **kw)
 
 
