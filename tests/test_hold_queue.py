@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import hold_source_toml, running, wait_until, write_config
-from mail import eicar_message, message
+from mail import EICAR, eicar_message, message
 from sqlalchemy import text
 
 from spoolscan.broker import Broker
@@ -105,6 +105,26 @@ def test_infected_mail_is_quarantined_and_never_delivered(config, store, postfix
     assert envelope["queue_id"] == qid and envelope["recipients"] == [RCPT]
     assert quarantined.stat().st_mode & 0o777 == 0o600
     assert quarantined.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_held_mail_too_large_to_read_into_memory_is_scanned_from_the_queue_file(
+        config, store, postfix):
+    # Small held messages are read once into memory; larger ones are streamed from
+    # their queue-file records.  Both ways must see every byte.
+    from spoolscan.sources.hold import IN_MEMORY_MAX
+
+    # 1.5 MiB: above what is read into memory, below the test clamd's MaxFileSize (2M).
+    filler = "A clean line of a long report.\n" * (3 * IN_MEMORY_MAX // 2 // 31)
+    cfg = hold_config(config, postfix)
+    infected = postfix.send(message(subject="big, infected", body=filler, attachment=EICAR,
+                                    filename="eicar.com"), recipients=[RCPT])
+    clean = postfix.send(message(subject="big, clean", body=filler), recipients=[RCPT])
+    postfix.wait_held(2)
+    build_worker(cfg, store).run_once()
+    verdicts = {r["location"]: (r["verdict"], r["action"]) for r in scans(store)}
+    assert verdicts == {infected: ("infected", "quarantine"), clean: ("clean", "release")}
+    wait_until(lambda: len(postfix.delivered("rcpt")) == 1)
+    assert all(r["size"] > IN_MEMORY_MAX for r in message_rows(store))
 
 
 def test_clamav_testfiles_attachments_are_quarantined(config, store, postfix):
