@@ -107,14 +107,16 @@ def test_infected_mail_is_quarantined_and_never_delivered(config, store, postfix
     assert quarantined.parent.stat().st_mode & 0o777 == 0o700
 
 
-def test_held_mail_too_large_to_read_into_memory_is_scanned_from_the_queue_file(
+def test_held_mail_too_large_to_replay_is_read_twice_from_the_queue_file(
         config, store, postfix):
-    # Small held messages are read once into memory; larger ones are streamed from
-    # their queue-file records.  Both ways must see every byte.
-    from spoolscan.sources.hold import IN_MEMORY_MAX
+    # A held message is hashed, then sent to clamd: a small one's content is kept from
+    # the first read for the second, a larger one is decoded from its records again.
+    # Both ways must see every byte.
+    from spoolscan.postfix.queuefile import REPLAY_LIMIT
 
-    # 1.5 MiB: above what is read into memory, below the test clamd's MaxFileSize (2M).
-    filler = "A clean line of a long report.\n" * (3 * IN_MEMORY_MAX // 2 // 31)
+    # 1.5 MiB: above what is replayed, below the test clamd's MaxFileSize (2M).
+    filler = "A clean line of a long report.\n" * (1536 * 1024 // 31)
+    assert len(filler) > REPLAY_LIMIT
     cfg = hold_config(config, postfix)
     infected = postfix.send(message(subject="big, infected", body=filler, attachment=EICAR,
                                     filename="eicar.com"), recipients=[RCPT])
@@ -124,7 +126,7 @@ def test_held_mail_too_large_to_read_into_memory_is_scanned_from_the_queue_file(
     verdicts = {r["location"]: (r["verdict"], r["action"]) for r in scans(store)}
     assert verdicts == {infected: ("infected", "quarantine"), clean: ("clean", "release")}
     wait_until(lambda: len(postfix.delivered("rcpt")) == 1)
-    assert all(r["size"] > IN_MEMORY_MAX for r in message_rows(store))
+    assert all(r["size"] > REPLAY_LIMIT for r in message_rows(store))
 
 
 def test_clamav_testfiles_attachments_are_quarantined(config, store, postfix):

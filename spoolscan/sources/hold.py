@@ -69,9 +69,6 @@ from spoolscan.text import printable
 log = logging.getLogger(__name__)
 
 KIND = "postfix-hold"
-# Held messages whose queue-file content takes at most this much are read into memory
-# once (see HoldSource._open); at most one per scan in flight.
-IN_MEMORY_MAX = 1 << 20
 _WATCH_MASK = (inflags.CLOSE_WRITE | inflags.MOVED_TO | inflags.ATTRIB | inflags.CREATE
                | inflags.DELETE_SELF)
 _FLUSH_THREADS = 4
@@ -251,18 +248,8 @@ class HoldSource(Source):
 
     @contextlib.contextmanager
     def _open(self, held: HeldFile) -> Iterator[Opened]:
-        """The content of the file looked at (same inode), as one rewindable stream.
-
-        A small message (its records take at most ``IN_MEMORY_MAX``) is read once into
-        memory: hashing it and then sending it to clamd would otherwise each walk its
-        queue-file records (the largest share of the worker's CPU spent reading mail)."""
+        """The content of the file looked at (same inode), as one rewindable stream."""
         with self._queue_file(held) as qf, _GuardedStream(qf.content()) as stream:
-            if qf.envelope.content_size <= IN_MEMORY_MAX:
-                data = _read_at_most(stream, IN_MEMORY_MAX)
-                if data is not None:
-                    yield Opened(stream=io.BytesIO(data), size=len(data))
-                    return
-                stream.seek(0)
             yield Opened(stream=stream, size=qf.envelope.message_size)  # type: ignore[arg-type]
 
     def _queue_file(self, held: HeldFile) -> QueueFile:
@@ -473,18 +460,6 @@ class HoldSource(Source):
         return ActionRecord(row["id"], intent["scan_id"], action, ActionOutcome.OK,
                             "completed before a restart (reconciled)", state=State.DONE,
                             quarantine_path=path)
-
-
-def _read_at_most(stream: io.RawIOBase, limit: int) -> bytes | None:
-    """All of ``stream`` if it holds at most ``limit`` bytes, else None (having read
-    ``limit + 1``).  Reads until the end: a queue file's content stream gives one record
-    at a time."""
-    parts: list[bytes] = []
-    size = 0
-    while size <= limit and (part := stream.read(limit + 1 - size)):
-        parts.append(part)
-        size += len(part)
-    return b"".join(parts) if size <= limit else None
 
 
 def _lines(text: str) -> Iterator[str]:
