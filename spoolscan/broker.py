@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: Messages looked for by one ``mailbox_find_many`` request.
 FIND_BATCH = 500
+# Files opened by one ``*_open_many`` request: through the root helper their
+# descriptors travel together in one message (see spoolscan.privsep).
+OPEN_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,25 @@ class Broker:
 
     def hold_open(self, queue_dir: str, rel: str) -> OpenFile:
         return self._hold_queue(queue_dir).open(rel)
+
+    def hold_open_many(self, queue_dir: str, rels: Sequence[str]
+                       ) -> list[OpenFile | Exception]:
+        """``hold_open`` of each name: its OpenFile, or what refused it (OSError,
+        FileNotFoundError once it left the hold queue; UnsafeFile)."""
+        queue = self._hold_queue(queue_dir)
+        out: list[OpenFile | Exception] = []
+        try:
+            for rel in rels:
+                try:
+                    out.append(queue.open(rel))
+                except (OSError, UnsafeFile) as exc:
+                    out.append(exc)
+        except BaseException:
+            for f in out:
+                if isinstance(f, OpenFile):
+                    f.close()
+            raise
+        return out
 
     def hold_find(self, queue_dir: str, queue_id: str) -> list[str]:
         return self._hold_queue(queue_dir).find(queue_id)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TextIO
 
-from spoolscan.broker import Broker
+from spoolscan.broker import OPEN_BATCH, Broker
 from spoolscan.config import PolicyConfig, SourceConfig
 from spoolscan.fsutil import OpenFile, UnsafeFile
 from spoolscan.mailbox import Location
@@ -38,7 +38,7 @@ from spoolscan.model import (
     Verdict,
 )
 from spoolscan.policy import decide
-from spoolscan.privsep import OPEN_BATCH, HelperError
+from spoolscan.privsep import HelperError
 from spoolscan.progress import ProgressBar
 from spoolscan.scan import ScanService, run_jobs
 from spoolscan.text import printable

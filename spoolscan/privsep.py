@@ -41,7 +41,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from spoolscan.broker import FIND_BATCH, Broker, FolderListing, Found, MailboxListing
+from spoolscan.broker import (
+    FIND_BATCH,
+    OPEN_BATCH,
+    Broker,
+    FolderListing,
+    Found,
+    MailboxListing,
+)
 from spoolscan.config import Config, ConfigError
 from spoolscan.fsutil import OpenFile, UnsafeFile
 from spoolscan.mailbox import Location
@@ -55,8 +62,6 @@ log = logging.getLogger(__name__)
 _FRAME: Final = struct.Struct("!I")
 _MAX_FRAME: Final = 256 * 1024 * 1024
 _MAX_FDS: Final = 64
-#: Files opened by one ``path_open_many`` request (their descriptors travel together).
-OPEN_BATCH: Final = 32
 _CTRUNC: Final = int(socket.MSG_CTRUNC)
 CONNECTIONS: Final = 16  # concurrent requests (scanner threads, committer, watchers)
 _PR_SET_PDEATHSIG: Final = 1
@@ -190,6 +195,19 @@ def _loc(d: dict) -> Location:
     return Location(str(d["root"]), str(d["folder"]), str(d["subdir"]), str(d["name"]))
 
 
+def _opened_many(files: Sequence[OpenFile | Exception]) -> _Reply:
+    """A ``*_open_many`` reply: per file the position of its descriptor, or its error."""
+    result: list = []
+    fds: list[int] = []
+    for f in files:
+        if isinstance(f, OpenFile):
+            result.append(len(fds))
+            fds.append(f.fd)
+        else:
+            result.append(_error_json(f))
+    return _Reply(result, fds)
+
+
 def _loc_json(loc: Location | None) -> dict | None:
     return None if loc is None else {"root": loc.root, "folder": loc.folder,
                                      "subdir": loc.subdir, "name": loc.name}
@@ -300,6 +318,7 @@ class Helper:
             "path_entries": lambda path: [list(e) for e in b.path_entries(p().path(path))],
             "path_open": lambda path: opened(b.path_open(p().path(path))),
             "path_open_many": self.path_open_many,
+            "hold_open_many": self.hold_open_many,
             "postfix_info": lambda cd: list(b.postfix_info(p().config_dir(cd))),
             "hold_entries": lambda qd: (lambda r: [[_entry_json(e) for e in r[0]], r[1]])(
                 b.hold_entries(p().queue_dir(qd))),
@@ -359,15 +378,15 @@ class Helper:
             raise HelperError(f"path_open_many: more than {OPEN_BATCH} names")
         for name in names:  # each name is checked as one component by the broker
             self.policy.path(os.path.join(directory, name))
-        result: list = []
-        fds: list[int] = []
-        for f in self.broker.path_open_many(directory, names):
-            if isinstance(f, OpenFile):
-                result.append(len(fds))
-                fds.append(f.fd)
-            else:
-                result.append(_error_json(f))
-        return _Reply(result, fds)
+        return _opened_many(self.broker.path_open_many(directory, names))
+
+    def hold_open_many(self, queue_dir: str, rels: list) -> _Reply:
+        """Held files: per name the position of its descriptor, or the error that
+        refused it (names are checked by the queue directory's ``split_rel``)."""
+        rels = [str(r) for r in rels]
+        if len(rels) > OPEN_BATCH:
+            raise HelperError(f"hold_open_many: more than {OPEN_BATCH} names")
+        return _opened_many(self.broker.hold_open_many(self.policy.queue_dir(queue_dir), rels))
 
     def restore(self, args: list, fds: list[int]) -> _Reply:
         loc, times = _loc(args[0]), args[1]
@@ -545,7 +564,11 @@ class RemoteBroker:
 
     def path_open_many(self, directory: str, names: Sequence[str]
                        ) -> list[OpenFile | Exception]:
-        result, fds = self._call("path_open_many", directory, list(names))
+        return self._files("path_open_many", directory, list(names))
+
+    def _files(self, op: str, *args: Any) -> list[OpenFile | Exception]:
+        """The reply of a ``*_open_many`` request: per name its file or its error."""
+        result, fds = self._call(op, *args)
         out: list[OpenFile | Exception] = []
         for r in result:
             out.append(OpenFile(fds[r], os.fstat(fds[r])) if isinstance(r, int)
@@ -581,6 +604,10 @@ class RemoteBroker:
 
     def hold_open(self, queue_dir: str, rel: str) -> OpenFile:
         return self._file("hold_open", queue_dir, rel)
+
+    def hold_open_many(self, queue_dir: str, rels: Sequence[str]
+                       ) -> list[OpenFile | Exception]:
+        return self._files("hold_open_many", queue_dir, list(rels))
 
     def hold_find(self, queue_dir: str, queue_id: str) -> list[str]:
         return list(self._value("hold_find", queue_dir, queue_id))

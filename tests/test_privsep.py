@@ -174,6 +174,44 @@ def test_files_opened_together_are_each_refused_or_opened_on_their_own(tmp_path)
     local[0].close()
 
 
+def test_held_files_opened_together_are_each_refused_or_opened_on_their_own(tmp_path,
+                                                                           postfix):
+    """``hold_open_many``: every name judged alone: a symlink or a FIFO planted in hold/
+    under a queue-file name is refused, so is a name that is not a queue-file name, a
+    missing one is reported gone, the held file is opened; too many names or another
+    queue directory refuse the whole request."""
+
+    held = postfix.send(message(), recipients=[RCPT])
+    postfix.wait_held(1)
+    hold = postfix.queue_dir / "hold"
+    (tmp_path / "secret").write_text("root's\n")
+    os.symlink(tmp_path / "secret", hold / "ABCDEF123")
+    os.mkfifo(hold / "ABCDEF124")
+    hold_src = SourceConfig(name="p", type="postfix-hold",
+                            config_directory=str(postfix.config_dir))
+    from spoolscan.config import Config
+
+    helper = Helper(Broker(), Policy.from_config(Config(sources=(hold_src,))))
+
+    def ask(*args):  # type: ignore[no-untyped-def]
+        return helper.handle({"op": "hold_open_many", "args": list(args)}, [])
+
+    reply = ask(str(postfix.queue_dir), ["ABCDEF123", "ABCDEF124", "ABCDEF125", held])
+    try:
+        kinds = [r if isinstance(r, int) else r["type"] for r in reply.result]
+        assert kinds == ["UnsafeFile", "UnsafeFile", "FileNotFoundError", 0]
+        assert os.read(reply.fds[0], 1 << 16) == postfix.held_path(held).read_bytes()
+    finally:
+        for fd in reply.fds:
+            os.close(fd)
+    refused = ask(str(postfix.queue_dir), ["../../etc/passwd"]).result
+    assert [r["type"] for r in refused] == ["UnsafeFile"]
+    with pytest.raises(HelperError):
+        ask(str(postfix.queue_dir), [held] * 33)
+    with pytest.raises(PermissionError):
+        ask("/var/spool/postfix", [held])
+
+
 def test_messages_looked_for_together_are_each_found_on_their_own(tmp_path):
     """``mailbox_find_many`` stats (never follows, never opens) each message: a message
     owned by someone else is reported as such, a symlink is no message, a missing one is

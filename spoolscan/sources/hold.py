@@ -30,7 +30,7 @@ import contextlib
 import io
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,9 +38,9 @@ from datetime import UTC, datetime
 from inotify_simple import flags as inflags
 
 from spoolscan.addresses import domain_of
-from spoolscan.broker import Broker
+from spoolscan.broker import OPEN_BATCH, Broker
 from spoolscan.config import Config, SourceConfig
-from spoolscan.fsutil import UnsafeFile
+from spoolscan.fsutil import OpenFile, UnsafeFile
 from spoolscan.model import (
     ActionOutcome,
     ContentUnavailable,
@@ -179,14 +179,31 @@ class HoldSource(Source):
             return None  # still being written: a later event or sweep takes it
         rel = entry.rel if isinstance(entry, HoldEntry) else entry
         try:
-            opened = self.broker.hold_open(self.queue_dir, rel)
-        except FileNotFoundError:
+            opened: OpenFile | Exception = self.broker.hold_open(self.queue_dir, rel)
+        except (OSError, UnsafeFile) as exc:
+            opened = exc
+        return self._examine_opened(entry, opened)
+
+    def examine_many(self, rels: Sequence[str]) -> list[Sighting | None]:
+        """``examine`` of each name, the files opened with one request to the helper."""
+        sightings: list[Sighting | None] = []
+        for start in range(0, len(rels), OPEN_BATCH):
+            batch = rels[start:start + OPEN_BATCH]
+            for rel, opened in zip(batch, self.broker.hold_open_many(self.queue_dir, batch),
+                                   strict=True):
+                sightings.append(self._examine_opened(rel, opened))
+        return sightings
+
+    def _examine_opened(self, entry: HoldEntry | str, opened: OpenFile | Exception
+                        ) -> Sighting | None:
+        rel = entry.rel if isinstance(entry, HoldEntry) else entry
+        if isinstance(opened, FileNotFoundError):
             return None
-        except UnsafeFile as exc:
-            self.reporter.once(f"unsafe:{rel}", f"{self.name}: {exc}")
+        if isinstance(opened, UnsafeFile):
+            self.reporter.once(f"unsafe:{rel}", f"{self.name}: {opened}")
             return None
-        except OSError as exc:
-            log.warning("%s: cannot open %s: %s", self.name, printable(rel), exc)
+        if isinstance(opened, Exception):
+            log.warning("%s: cannot open %s: %s", self.name, printable(rel), opened)
             return None
         if not isinstance(entry, HoldEntry):
             entry = HoldEntry(rel, opened.st.st_ino, opened.st.st_mode,
@@ -216,14 +233,28 @@ class HoldSource(Source):
             # postsuper cannot act on it, so neither can we: leave it for an admin.
             self.reporter.once(f"strange:{rel}", f"{self.name}: hold/{rel}: not a Postfix "
                                                  "queue file (name or type); left alone")
+        batch: list[str] = []
         for rel in _lines(names):
-            try:
-                sighting = self.examine(rel)
-            except Exception:
-                log.exception("%s: hold/%s: cannot look at it", self.name, printable(rel))
-                continue
-            if sighting is not None:
-                yield sighting
+            batch.append(rel)
+            if len(batch) == OPEN_BATCH:
+                yield from self._look_at(batch)
+                batch = []
+        yield from self._look_at(batch)
+
+    def _look_at(self, rels: list[str]) -> Iterator[Sighting]:
+        """The sightings of ``rels``: opened together; if that fails (a helper error),
+        one at a time, so that one bad name does not hide the others."""
+        try:
+            found = self.examine_many(rels)
+        except Exception:
+            found = []
+            for rel in rels:
+                try:
+                    found.append(self.examine(rel))
+                except Exception:
+                    log.exception("%s: hold/%s: cannot look at it", self.name,
+                                  printable(rel))
+        yield from (s for s in found if s is not None)
 
     def backlog(self) -> tuple[int, float] | None:
         count, oldest_ns = self.broker.hold_backlog(self.queue_dir)
@@ -321,8 +352,7 @@ class HoldSource(Source):
                     continue
                 files[rel] = None
             try:
-                for rel in files:
-                    self._arrived(rel, submit)
+                self._arrived(list(files), submit)
                 if overflow:
                     log.warning("%s: inotify events were lost or a directory appeared; "
                                 "sweeping hold/", self.name)
@@ -334,13 +364,13 @@ class HoldSource(Source):
                 log.exception("%s: new mail not looked at now (the next sweep will)",
                               self.name)
 
-    def _arrived(self, rel: str, submit: Submit) -> None:
-        sighting = self.examine(rel)
-        # cleanup's chmod (IN_ATTRIB) and close (IN_CLOSE_WRITE) both announce one
-        # arrival: hand it over once.
-        if sighting is not None and self.handed.claim(sighting.identity, None):
-            self.stats["arrived"] += 1
-            submit(self.job(sighting))
+    def _arrived(self, rels: list[str], submit: Submit) -> None:
+        for sighting in self._look_at(rels):
+            # cleanup's chmod (IN_ATTRIB) and close (IN_CLOSE_WRITE) both announce one
+            # arrival: hand it over once.
+            if self.handed.claim(sighting.identity, None):
+                self.stats["arrived"] += 1
+                submit(self.job(sighting))
 
     # --- acting --------------------------------------------------------------------------
 
