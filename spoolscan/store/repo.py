@@ -97,6 +97,15 @@ _ACTION_UPDATE = update(messages).where(messages.c.id == bindparam("b_id")).valu
     last_error=case((_FAILED, bindparam("b_detail")), else_=messages.c.last_error))
 
 
+# What a rescan needs of a candidate to find it again, answer it from the cache and mark
+# it gone (not the headers and envelope: reading every column of 10,000 rows was a tenth
+# of a rescan's CPU).
+_CANDIDATE_COLUMNS = tuple(messages.c[name] for name in (
+    "id", "source", "kind", "identity", "location", "queue_id", "host", "content_hash",
+    "size", "state", "verdict", "attempts", "first_seen_at", "updated_at",
+    "next_attempt_at"))
+
+
 def _stored(params: dict[str, object]) -> dict[str, object]:
     """Parameters as written: every text escaped by the one rule of ``spoolscan.text``
     (addresses, headers and file names may hold any bytes)."""
@@ -691,7 +700,8 @@ class Store:
                      *_candidate_conditions(since, fingerprint, source)]
             with self.engine.connect() as conn:
                 rows = [_read(r) for r in conn.execute(
-                    select(messages).where(and_(*conds)).order_by(messages.c.id).limit(batch))]
+                    select(*_CANDIDATE_COLUMNS).where(and_(*conds))
+                    .order_by(messages.c.id).limit(batch))]
             if not rows:
                 return
             yield rows
