@@ -34,6 +34,7 @@ def _open_store(config: Config, auto_create: bool = True):  # type: ignore[no-un
         create_engine_for,
         redact_url,
         schema_status,
+        upgrade,
         upgrade_apart,
     )
     from spoolscan.store.repo import Store
@@ -46,7 +47,8 @@ def _open_store(config: Config, auto_create: bool = True):  # type: ignore[no-un
                          f"{exc}") from exc
     if current is None and auto_create and engine.dialect.name == "sqlite":
         log.info("creating the database schema in %s", engine.url.database)
-        upgrade_apart(config.database.url)
+        if not upgrade_apart(config.database.url):
+            upgrade(engine)
     elif current != head:
         raise StoreError(f"the database is at schema revision {current or 'none'}, this "
                          f"spoolscan needs {head}: run `spoolscan db upgrade`")

@@ -569,11 +569,14 @@ class RemoteBroker:
     def _files(self, op: str, *args: Any) -> list[OpenFile | Exception]:
         """The reply of a ``*_open_many`` request: per name its file or its error."""
         result, fds = self._call(op, *args)
-        out: list[OpenFile | Exception] = []
-        for r in result:
-            out.append(OpenFile(fds[r], os.fstat(fds[r])) if isinstance(r, int)
-                       else _exception(r))
-        return out
+        try:
+            return [OpenFile(fds[r], os.fstat(fds[r])) if isinstance(r, int)
+                    else _exception(r) for r in result]
+        except BaseException:
+            for fd in fds:  # a malformed reply: nothing received may stay open
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
 
     # the Postfix hold queue
 

@@ -6,7 +6,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
 from sqlalchemy import inspect, text
 
 from spoolscan.store.db import create_engine_for, schema_status, upgrade
@@ -335,7 +334,7 @@ def test_a_new_sqlite_store_is_migrated_in_a_process_of_its_own(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'new.db'}"
     before = {m for m in sys.modules if m.split(".")[0] in ("alembic", "mako")}
-    upgrade_apart(url)
+    assert upgrade_apart(url) is True
     engine = create_engine_for(url)
     try:
         assert schema_status(engine) == (SCHEMA_HEAD, SCHEMA_HEAD)
@@ -344,10 +343,26 @@ def test_a_new_sqlite_store_is_migrated_in_a_process_of_its_own(tmp_path):
     assert {m for m in sys.modules if m.split(".")[0] in ("alembic", "mako")} == before
 
 
-def test_a_migration_apart_that_fails_says_why(tmp_path):
-    from spoolscan.store import StoreError
+def test_the_migration_process_imports_nothing_from_the_current_directory(tmp_path,
+                                                                          monkeypatch):
+    # Someone else's directory (a mailbox, /tmp) may be where an admin runs spoolscan.
+    planted = tmp_path / "cwd"
+    for package in ("spoolscan", "sqlalchemy"):
+        (planted / package).mkdir(parents=True)
+        (planted / package / "__init__.py").write_text(
+            f"open({str(tmp_path / 'owned')!r}, 'w').write('planted code ran')\n")
+    (planted / "logging.py").write_text(
+        f"open({str(tmp_path / 'owned')!r}, 'w').write('planted code ran')\n")
+    monkeypatch.chdir(planted)
+    from spoolscan.store.db import upgrade_apart
+
+    assert upgrade_apart(f"sqlite:///{tmp_path / 'new.db'}") is True
+    assert not (tmp_path / "owned").exists()
+
+
+def test_a_migration_that_fails_apart_is_left_to_the_caller(tmp_path):
+    # The caller migrates in its own process, which reports the real error.
     from spoolscan.store.db import upgrade_apart
 
     (tmp_path / "a-directory.db").mkdir()
-    with pytest.raises(StoreError, match="cannot create the schema in .*a-directory.db: .+"):
-        upgrade_apart(f"sqlite:///{tmp_path / 'a-directory.db'}")
+    assert upgrade_apart(f"sqlite:///{tmp_path / 'a-directory.db'}") is False

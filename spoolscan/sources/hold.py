@@ -189,9 +189,17 @@ class HoldSource(Source):
         sightings: list[Sighting | None] = []
         for start in range(0, len(rels), OPEN_BATCH):
             batch = rels[start:start + OPEN_BATCH]
-            for rel, opened in zip(batch, self.broker.hold_open_many(self.queue_dir, batch),
-                                   strict=True):
-                sightings.append(self._examine_opened(rel, opened))
+            opened = self.broker.hold_open_many(self.queue_dir, batch)
+            try:
+                for i, rel in enumerate(batch):
+                    # Handed on first: _examine_opened closes what it is given (a
+                    # second close could hit a descriptor reused meanwhile).
+                    f, opened[i] = opened[i], _TAKEN
+                    sightings.append(self._examine_opened(rel, f))
+            finally:
+                for f in opened:
+                    if isinstance(f, OpenFile):
+                        f.close()
         return sightings
 
     def _examine_opened(self, entry: HoldEntry | str, opened: OpenFile | Exception
@@ -242,19 +250,10 @@ class HoldSource(Source):
         yield from self._look_at(batch)
 
     def _look_at(self, rels: list[str]) -> Iterator[Sighting]:
-        """The sightings of ``rels``: opened together; if that fails (a helper error),
-        one at a time, so that one bad name does not hide the others."""
-        try:
-            found = self.examine_many(rels)
-        except Exception:
-            found = []
-            for rel in rels:
-                try:
-                    found.append(self.examine(rel))
-                except Exception:
-                    log.exception("%s: hold/%s: cannot look at it", self.name,
-                                  printable(rel))
-        yield from (s for s in found if s is not None)
+        """The sightings of ``rels``, opened together.  What one file does (a bad name, a
+        symlink, a file that cannot be parsed) is that file's own outcome; an exception
+        here is the helper's or the configuration's, for the caller to report."""
+        yield from (s for s in self.examine_many(rels) if s is not None)
 
     def backlog(self) -> tuple[int, float] | None:
         count, oldest_ns = self.broker.hold_backlog(self.queue_dir)
@@ -490,6 +489,10 @@ class HoldSource(Source):
         return ActionRecord(row["id"], intent["scan_id"], action, ActionOutcome.OK,
                             "completed before a restart (reconciled)", state=State.DONE,
                             quarantine_path=path)
+
+
+# Stands in a batch for a file already handed on (see HoldSource.examine_many).
+_TAKEN = Exception("handed on")
 
 
 def _lines(text: str) -> Iterator[str]:

@@ -8,6 +8,7 @@ scanner threads) do not block the writer; PostgreSQL is reached through psycopg 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import subprocess
@@ -24,6 +25,8 @@ from spoolscan.store import StoreError
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
+
+log = logging.getLogger(__name__)
 
 # The newest migration in migrations/versions.  Checked against Alembic by the tests; kept
 # here so that starting spoolscan does not have to load Alembic to check the schema.
@@ -124,26 +127,38 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         command.upgrade(cfg, revision)
 
 
-def upgrade_apart(url: str) -> None:
-    """``upgrade`` to head in a short-lived Python process of its own.
+def upgrade_apart(url: str) -> bool:
+    """``upgrade`` to head in a short-lived Python process of its own; False if that
+    could not be done (the caller then migrates in its own process, which also reports
+    a migration's real error).
 
     Alembic, Mako and Pygments, which a migration loads, take ~15 MB that a long-running
-    worker would carry for its whole life (``bench/hold_queue --memory`` on a new store).
-    Raises StoreError with the migration's own error if it fails."""
-    package_root = str(Path(spoolscan.__file__).resolve().parent.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    worker would otherwise carry for its whole life (``bench/hold_queue --memory`` on a
+    new store).  The child runs isolated (``-I``: neither the current directory nor
+    ``PYTHON*`` variables decide what it imports) with this process's own absolute
+    ``sys.path``: it imports exactly what this process would.  Only for SQLite URLs,
+    which carry no password (the URL is on its command line)."""
+    paths = [p for p in sys.path if os.path.isabs(p)]
     code = ("import sys\n"
+            "sys.path[:] = sys.argv[2:]\n"
             "from spoolscan.store.db import create_engine_for, upgrade\n"
             "engine = create_engine_for(sys.argv[1])\n"
             "upgrade(engine)\n"
             "engine.dispose()\n")
-    done = subprocess.run([sys.executable, "-c", code, url], env=env, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+    try:
+        done = subprocess.run([sys.executable, "-I", "-c", code, url, *paths],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, check=False, timeout=600)
+    except (OSError, subprocess.SubprocessError) as exc:
+        # E.g. an interpreter the unprivileged worker may not run (a venv under /root).
+        log.debug("cannot migrate in a process of its own (%s): migrating here", exc)
+        return False
     if done.returncode != 0:
         lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise StoreError(f"cannot create the schema in {redact_url(url)}: "
-                         f"{lines[-1] if lines else f'exit status {done.returncode}'}")
+        log.debug("migration in a process of its own failed (%s): migrating here",
+                  lines[-1] if lines else f"exit status {done.returncode}")
+        return False
+    return True
 
 
 def current_revision(engine: Engine) -> str | None:
