@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -233,20 +233,8 @@ class Broker:
         name its OpenFile, or what refused it (OSError, UnsafeFile)."""
         for name in names:
             fsutil.check_name(name)
-        out: list[OpenFile | Exception] = []
-        try:
-            with fsutil.open_directory(directory) as d:
-                for name in names:
-                    try:
-                        out.append(d.open_file(name))
-                    except (OSError, UnsafeFile) as exc:
-                        out.append(exc)
-        except BaseException:
-            for f in out:
-                if isinstance(f, OpenFile):
-                    f.close()
-            raise
-        return out
+        with fsutil.open_directory(directory) as d:
+            return _open_each(names, d.open_file)
 
     # --- the Postfix hold queue -------------------------------------------------------------
 
@@ -293,20 +281,7 @@ class Broker:
                        ) -> list[OpenFile | Exception]:
         """``hold_open`` of each name: its OpenFile, or what refused it (OSError,
         FileNotFoundError once it left the hold queue; UnsafeFile)."""
-        queue = self._hold_queue(queue_dir)
-        out: list[OpenFile | Exception] = []
-        try:
-            for rel in rels:
-                try:
-                    out.append(queue.open(rel))
-                except (OSError, UnsafeFile) as exc:
-                    out.append(exc)
-        except BaseException:
-            for f in out:
-                if isinstance(f, OpenFile):
-                    f.close()
-            raise
-        return out
+        return _open_each(rels, self._hold_queue(queue_dir).open)
 
     def hold_find(self, queue_dir: str, queue_id: str) -> list[str]:
         return self._hold_queue(queue_dir).find(queue_id)
@@ -375,3 +350,22 @@ class Broker:
         # by path (the directory was just checked; a swap now only misplaces a watch).
         target = str(proc) if proc.parent.is_dir() else d.path
         return inotify.add_watch(target, mask)
+
+
+def _open_each(names: Sequence[str], open_one: Callable[[str], OpenFile]
+               ) -> list[OpenFile | Exception]:
+    """``open_one`` of each name: its OpenFile, or what refused it (OSError, UnsafeFile),
+    each name on its own; if anything else goes wrong, nothing opened stays open."""
+    out: list[OpenFile | Exception] = []
+    try:
+        for name in names:
+            try:
+                out.append(open_one(name))
+            except (OSError, UnsafeFile) as exc:
+                out.append(exc)
+    except BaseException:
+        for f in out:
+            if isinstance(f, OpenFile):
+                f.close()
+        raise
+    return out
