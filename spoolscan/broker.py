@@ -364,8 +364,6 @@ def _open_each(names: Sequence[str], open_one: Callable[[str], OpenFile]
             except (OSError, UnsafeFile) as exc:
                 out.append(exc)
     except BaseException:
-        for f in out:
-            if isinstance(f, OpenFile):
-                f.close()
+        fsutil.close_files(out)
         raise
     return out

@@ -33,7 +33,7 @@ import fnmatch
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Final
 
@@ -137,6 +137,13 @@ class OpenFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def close_files(results: Iterable[OpenFile | Exception]) -> None:
+    """Close the files among the results of a batch of opens (the others are errors)."""
+    for f in results:
+        if isinstance(f, OpenFile):
+            f.close()
 
 
 class Directory:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from spoolscan.broker import OPEN_BATCH, Broker
 from spoolscan.config import PolicyConfig, SourceConfig
-from spoolscan.fsutil import OpenFile, UnsafeFile
+from spoolscan.fsutil import OpenFile, UnsafeFile, close_files
 from spoolscan.mailbox import Location
 from spoolscan.model import (
     Action,
@@ -213,9 +213,7 @@ def jobs_for(targets: Iterable[Target], broker: Broker, trigger: Trigger = Trigg
         if pending:
             yield from flush()
     finally:
-        for f in opened:
-            if isinstance(f, OpenFile):
-                f.close()
+        close_files(opened)
 
 
 def plan_for(policy: PolicyConfig, now: datetime):  # type: ignore[no-untyped-def]

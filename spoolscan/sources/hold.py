@@ -40,7 +40,7 @@ from inotify_simple import flags as inflags
 from spoolscan.addresses import domain_of
 from spoolscan.broker import OPEN_BATCH, Broker
 from spoolscan.config import Config, SourceConfig
-from spoolscan.fsutil import OpenFile, UnsafeFile
+from spoolscan.fsutil import OpenFile, UnsafeFile, close_files
 from spoolscan.model import (
     ActionOutcome,
     ContentUnavailable,
@@ -171,36 +171,36 @@ class HoldSource(Source):
         without a host is taken as this host's, as before hosts shared a store)."""
         return row.get("host") in (None, self.host)
 
-    def examine(self, entry: HoldEntry | str) -> Sighting | None:
-        """The sighting of a ready held file (None: not ready, gone or not ours).
-        ``entry``: as listed, or only its name (then the open file says whether it is
-        ready: one request to the helper instead of two)."""
-        if isinstance(entry, HoldEntry) and not entry.ready:
+    def examine(self, entry: HoldEntry) -> Sighting | None:
+        """The sighting of a ready held file as listed (None: not ready, gone or not
+        ours)."""
+        if not entry.ready:
             return None  # still being written: a later event or sweep takes it
-        rel = entry.rel if isinstance(entry, HoldEntry) else entry
         try:
-            opened: OpenFile | Exception = self.broker.hold_open(self.queue_dir, rel)
+            opened: OpenFile | Exception = self.broker.hold_open(self.queue_dir, entry.rel)
         except (OSError, UnsafeFile) as exc:
             opened = exc
         return self._examine_opened(entry, opened)
 
-    def examine_many(self, rels: Sequence[str]) -> list[Sighting | None]:
-        """``examine`` of each name, the files opened with one request to the helper."""
-        sightings: list[Sighting | None] = []
+    def _look_at(self, rels: Sequence[str]) -> list[Sighting]:
+        """The sightings of the held files named ``rels``, opened ``OPEN_BATCH`` at a
+        time with one request to the helper (the open file says whether it is ready).
+        What one file does (a bad name, a symlink, a file that cannot be parsed) is that
+        file's own outcome; an exception here is the helper's or the configuration's,
+        for the caller to report."""
+        found: list[Sighting] = []
         for start in range(0, len(rels), OPEN_BATCH):
             batch = rels[start:start + OPEN_BATCH]
-            opened = self.broker.hold_open_many(self.queue_dir, batch)
-            try:
-                for i, rel in enumerate(batch):
-                    # Handed on first: _examine_opened closes what it is given (a
-                    # second close could hit a descriptor reused meanwhile).
-                    f, opened[i] = opened[i], _TAKEN
-                    sightings.append(self._examine_opened(rel, f))
-            finally:
-                for f in opened:
-                    if isinstance(f, OpenFile):
-                        f.close()
-        return sightings
+            files = self.broker.hold_open_many(self.queue_dir, batch)
+            for k, (rel, f) in enumerate(zip(batch, files, strict=True)):
+                try:
+                    sighting = self._examine_opened(rel, f)  # closes f, whatever happens
+                except BaseException:
+                    close_files(files[k + 1:])
+                    raise
+                if sighting is not None:
+                    found.append(sighting)
+        return found
 
     def _examine_opened(self, entry: HoldEntry | str, opened: OpenFile | Exception
                         ) -> Sighting | None:
@@ -248,12 +248,6 @@ class HoldSource(Source):
                 yield from self._look_at(batch)
                 batch = []
         yield from self._look_at(batch)
-
-    def _look_at(self, rels: list[str]) -> Iterator[Sighting]:
-        """The sightings of ``rels``, opened together.  What one file does (a bad name, a
-        symlink, a file that cannot be parsed) is that file's own outcome; an exception
-        here is the helper's or the configuration's, for the caller to report."""
-        yield from (s for s in self.examine_many(rels) if s is not None)
 
     def backlog(self) -> tuple[int, float] | None:
         count, oldest_ns = self.broker.hold_backlog(self.queue_dir)
@@ -489,10 +483,6 @@ class HoldSource(Source):
         return ActionRecord(row["id"], intent["scan_id"], action, ActionOutcome.OK,
                             "completed before a restart (reconciled)", state=State.DONE,
                             quarantine_path=path)
-
-
-# Stands in a batch for a file already handed on (see HoldSource.examine_many).
-_TAKEN = Exception("handed on")
 
 
 def _lines(text: str) -> Iterator[str]:
