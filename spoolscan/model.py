@@ -166,7 +166,9 @@ class Job:
     """One message to scan, as a source describes it.
 
     ``open`` opens its content; ``payload`` is the source's own data, carried to the
-    action step (which file was opened: the action must act on that one).
+    action step (which file was opened: the action must act on that one).  ``discard``
+    gives back what the source keeps open for the job until it is scanned; the pipeline
+    calls it once the scan is over or the job is dropped (calling it twice is harmless).
     """
 
     info: MessageInfo
@@ -181,6 +183,7 @@ class Job:
     # The size of the file as a listing found it just before (rescans): with the known
     # content's size and a verdict in the cache, the file need not even be opened.
     listed_size: int | None = None
+    discard: Callable[[], None] | None = None
 
 
 @dataclass

@@ -61,6 +61,15 @@ JOB_QUEUE_SIZE = 1000  # jobs waiting for a scanner thread
 OPEN_LIMIT = 256  # jobs scanned but not yet committed and acted on, plus those in scan
 
 
+def _discard(job: Job) -> None:
+    """Give back what the job's source kept open for it (see ``Job.discard``)."""
+    if job.discard is not None:
+        try:
+            job.discard()
+        except Exception:  # a descriptor that fails to close must not stop the pipeline
+            log.exception("%s: could not give back what was kept open", job.info.location)
+
+
 def is_outage(exc: BaseException) -> bool:
     """True for a database that cannot be reached or used right now (connection refused
     or lost, locked): the whole batch waits.  Anything else is a problem with one of the
@@ -179,6 +188,7 @@ class Worker:
         key = (job.info.source, job.info.identity)
         with self._keys_lock:
             if key in self._keys or self._stopping.is_set():
+                _discard(job)
                 return False
             self._keys.add(key)
         while True:
@@ -188,6 +198,7 @@ class Worker:
             except queue.Full:
                 if self._stopping.is_set() or self._stop_requested.is_set():
                     self._forget(key)
+                    _discard(job)
                     return False
 
     def _forget(self, key: tuple[str, str]) -> None:
@@ -224,6 +235,7 @@ class Worker:
             log.exception("%s: unexpected error while scanning", job.info.location)
             outcome = Outcome(job, job.info,
                               ScanResult(Verdict.ERROR, detail=f"internal error: {exc!r}"))
+        _discard(job)
         self._outcomes.put(outcome)
 
     def _commit_loop(self) -> None:

@@ -13,6 +13,7 @@ import pwd
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -450,4 +451,116 @@ def test_mail_flows_as_soon_as_a_database_outage_ends(config, store, postfix):
         assert len(postfix.held_ids()) == 3
         worker.store.record_scans = real  # type: ignore[method-assign]
         wait_until(lambda: len(postfix.delivered("rcpt")) == 3, timeout=20)
+    assert postfix.held_ids() == []
+
+
+def open_files_under(directory: Path) -> int:
+    """How many descriptors of this process name a file under ``directory``."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{directory}/"):
+            count += 1
+    return count
+
+
+def test_a_burst_keeps_a_bounded_number_of_held_files_open(config, store, postfix,
+                                                           monkeypatch):
+    """The watcher keeps each file it looked at open for its scan (no second open), but
+    never more than KEEP_AHEAD ahead of slow scanners; every message still flows, and
+    nothing is left open afterwards (duplicates of an arrival included)."""
+    import spoolscan.sources.hold as hold
+
+    monkeypatch.setattr(hold, "KEEP_AHEAD", 4)
+    monkeypatch.setattr(hold, "OPEN_BATCH", 8)
+    cfg = hold_config(config, postfix)
+    worker = build_worker(cfg, store)
+    scan = worker.service.scan
+
+    def slow_scan(job):
+        time.sleep(0.3)
+        return scan(job)
+
+    worker.service.scan = slow_scan  # type: ignore[method-assign]
+    queue_dir = Path(worker.sources["postfix"].queue_dir)
+    most, sampling = 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal most
+        while not sampling.is_set():
+            most = max(most, open_files_under(queue_dir))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with running(worker):
+        for i in range(60):
+            postfix.send(message(subject=f"burst {i}"), recipients=[RCPT])
+        wait_until(lambda: len(postfix.delivered("rcpt")) == 60, timeout=90)
+    sampling.set()
+    sampler.join()
+    # Kept ones, those in a scan (the file and its content stream), one batch being
+    # looked at by the watcher and one by a sweep.
+    assert 0 < most <= 4 + 2 * cfg.clamd.concurrency + 2 * 8 < 60
+    assert open_files_under(queue_dir) == 0
+    assert postfix.held_ids() == []
+
+
+def test_the_pipeline_gives_back_what_a_dropped_or_scanned_job_kept(config, store):
+    """A job refused as a duplicate is discarded at once; the one taken is discarded
+    once scanned."""
+    import contextlib
+    import io
+
+    from spoolscan.model import Job, MessageInfo, Opened
+
+    worker = build_worker(replace(config, sources=()), store)
+    discarded: list[str] = []
+
+    def job(name: str) -> Job:
+        @contextlib.contextmanager
+        def opener():
+            yield Opened(stream=io.BytesIO(b"Subject: kept\n\nhello\n"))
+        info = MessageInfo(source="test", kind="file", identity="one", location=name)
+        return Job(info=info, open=opener, discard=lambda: discarded.append(name))
+
+    assert worker.submit(job("first"))
+    assert not worker.submit(job("duplicate"))
+    assert discarded == ["duplicate"]
+    worker.start()
+    try:
+        wait_until(lambda: "first" in discarded)
+    finally:
+        worker.stop()
+    assert discarded == ["duplicate", "first"]
+
+
+def test_arrivals_read_at_once_beyond_the_keep_budget_flow_without_a_sweep(
+        config, store, postfix, monkeypatch):
+    """One inotify read naming more files than the watcher may keep open: each is
+    handed over as it is looked at, so the scanners make room and nothing waits for
+    a sweep (there is none here)."""
+    import spoolscan.sources.hold as hold
+
+    monkeypatch.setattr(hold, "KEEP_AHEAD", 4)
+    cfg = hold_config(config, postfix)
+    cfg = replace(cfg, sources=(replace(cfg.sources[0], sweep_interval=3600.0),))
+    worker = build_worker(cfg, store)
+    source = worker.sources["postfix"]
+    arrived, all_held = source._arrived, threading.Event()
+
+    def late(rels, submit):  # the first read waits: the rest pile up in the kernel
+        all_held.wait(60)
+        return arrived(rels, submit)
+
+    source._arrived = late  # type: ignore[method-assign]
+    with running(worker):
+        for i in range(20):
+            postfix.send(message(subject=f"pile {i}"), recipients=[RCPT])
+        postfix.wait_held(20)
+        all_held.set()
+        wait_until(lambda: len(postfix.delivered("rcpt")) == 20, timeout=30)
     assert postfix.held_ids() == []

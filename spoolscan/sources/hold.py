@@ -10,9 +10,11 @@ is checked because it always exits 0.
 *Identity.*  Short queue IDs are reused, so a held message is (myhostname, queue ID,
 arrival time in microseconds, inode), never the queue ID alone.
 
-*Parsed once.*  The envelope is read when the file is first looked at; the scan, the hash
-and a quarantine copy then read the content of that same file (same inode, checked) from
-one rewindable stream, without parsing the envelope again.
+*Parsed once, opened once.*  The envelope is read when the file is first looked at; the
+scan, the hash and a quarantine copy then read the content of that same file (same inode,
+checked) from one rewindable stream, without parsing the envelope again.  A file the
+watcher looked at stays open until its scan (``KEEP_AHEAD`` of them at most: the watcher
+waits for the scanners beyond that), so the scan does not ask the helper for it again.
 
 *Releasing* (``release``): ``postsuper -H -`` for the batch, then one trigger to qmgr so
 that released mail is delivered now rather than at the next queue run.
@@ -29,10 +31,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from inotify_simple import flags as inflags
@@ -72,6 +75,10 @@ KIND = "postfix-hold"
 _WATCH_MASK = (inflags.CLOSE_WRITE | inflags.MOVED_TO | inflags.ATTRIB | inflags.CREATE
                | inflags.DELETE_SELF)
 _FLUSH_THREADS = 4
+#: Held files the watcher keeps open for jobs not yet scanned.  Beyond that it waits
+#: (new arrivals wait in the kernel's inotify queue; an overflow there means a sweep), so
+#: open descriptors stay bounded however large the burst.
+KEEP_AHEAD = 64
 
 
 def direction(sender: str, recipients: tuple[str, ...], local_domains: tuple[str, ...]) -> str:
@@ -95,6 +102,8 @@ class HeldFile:
     rel: str
     ino: int
     envelope: Envelope | None
+    # The file as the watcher opened it, until the scan takes it (see HoldSource.job).
+    kept: QueueFile | None = field(default=None, repr=False, compare=False)
 
 
 class _GuardedStream(io.RawIOBase):
@@ -140,6 +149,7 @@ class HoldSource(Source):
         self.config_dir = src.config_directory
         self.queue_dir, self.host = broker.postfix_info(self.config_dir)
         self._watches: dict[int, str] = {}  # wd → directory relative to hold/
+        self._keep_budget = threading.BoundedSemaphore(KEEP_AHEAD)
 
     # --- identity ---------------------------------------------------------------------------
 
@@ -182,28 +192,28 @@ class HoldSource(Source):
             opened = exc
         return self._examine_opened(entry, opened)
 
-    def _look_at(self, rels: Sequence[str]) -> list[Sighting]:
+    def _look_at(self, rels: Sequence[str], keep: bool = False) -> Iterator[Sighting]:
         """The sightings of the held files named ``rels``, opened ``OPEN_BATCH`` at a
         time with one request to the helper (the open file says whether it is ready).
         What one file does (a bad name, a symlink, a file that cannot be parsed) is that
         file's own outcome; an exception here is the helper's or the configuration's,
-        for the caller to report."""
-        found: list[Sighting] = []
+        for the caller to report.  ``keep``: each readable file stays open in its
+        sighting for the scan; the caller hands each on as it comes (the next one may
+        wait for room to keep it) or calls ``_discard``."""
         for start in range(0, len(rels), OPEN_BATCH):
             batch = rels[start:start + OPEN_BATCH]
             files = self.broker.hold_open_many(self.queue_dir, batch)
-            for k, (rel, f) in enumerate(zip(batch, files, strict=True)):
-                try:
-                    sighting = self._examine_opened(rel, f)  # closes f, whatever happens
-                except BaseException:
-                    close_files(files[k + 1:])
-                    raise
-                if sighting is not None:
-                    found.append(sighting)
-        return found
+            k = 0
+            try:
+                for k, (rel, f) in enumerate(zip(batch, files, strict=True)):  # noqa: B007
+                    sighting = self._examine_opened(rel, f, keep)  # f closed or kept
+                    if sighting is not None:
+                        yield sighting
+            finally:  # an error or the caller stopping: the rest of the batch is closed
+                close_files(files[k + 1:])
 
-    def _examine_opened(self, entry: HoldEntry | str, opened: OpenFile | Exception
-                        ) -> Sighting | None:
+    def _examine_opened(self, entry: HoldEntry | str, opened: OpenFile | Exception,
+                        keep: bool = False) -> Sighting | None:
         rel = entry.rel if isinstance(entry, HoldEntry) else entry
         if isinstance(opened, FileNotFoundError):
             return None
@@ -222,10 +232,16 @@ class HoldSource(Source):
         path = f"{self.queue_dir}/hold/{entry.rel}"
         try:
             # The content is checked as it is read for scanning.
-            with QueueFile.from_fd(opened.fd, path, check_content=False) as qf:
+            qf = QueueFile.from_fd(opened.fd, path, check_content=False)
+            try:
                 info = self._info(qf.envelope, qf.stat.st_ino)
-                return Sighting(info.identity, (info, HeldFile(entry.rel, qf.stat.st_ino,
-                                                               qf.envelope)))
+                held = HeldFile(entry.rel, qf.stat.st_ino, qf.envelope)
+                if keep and self._take_keep_budget():
+                    held.kept, qf = qf, None  # type: ignore[assignment]
+            finally:
+                if qf is not None:
+                    qf.close()
+            return Sighting(info.identity, (info, held))
         except QueueFileNotReady:
             return None
         except Exception as exc:  # QueueFileError, and any parser failure: one file only
@@ -268,7 +284,28 @@ class HoldSource(Source):
 
     def job(self, sighting: Sighting, trigger: Trigger = Trigger.ARRIVAL) -> Job:
         info, held = sighting.data
-        return Job(info=info, open=lambda: self._open(held), trigger=trigger, payload=held)
+        return Job(info=info, open=lambda: self._open(held), trigger=trigger, payload=held,
+                   discard=lambda: self._discard(held))
+
+    # --- files kept open from the look to the scan ------------------------------------
+
+    def _take_keep_budget(self) -> bool:
+        """Wait for room to keep one more file open (False: stopping, do not keep)."""
+        while not self._keep_budget.acquire(timeout=0.5):
+            if self._stop.is_set():
+                return False
+        return True
+
+    def _take_kept(self, held: HeldFile) -> QueueFile | None:
+        kept, held.kept = held.kept, None
+        if kept is not None:
+            self._keep_budget.release()
+        return kept
+
+    def _discard(self, held: HeldFile) -> None:
+        kept = self._take_kept(held)
+        if kept is not None:
+            kept.close()
 
     @contextlib.contextmanager
     def _open(self, held: HeldFile) -> Iterator[Opened]:
@@ -277,6 +314,9 @@ class HoldSource(Source):
             yield Opened(stream=stream, size=qf.envelope.message_size)  # type: ignore[arg-type]
 
     def _queue_file(self, held: HeldFile) -> QueueFile:
+        kept = self._take_kept(held)
+        if kept is not None:
+            return kept  # opened by the watcher: the same inode by construction
         try:
             opened = self.broker.hold_open(self.queue_dir, held.rel)
         except FileNotFoundError:
@@ -358,12 +398,18 @@ class HoldSource(Source):
                               self.name)
 
     def _arrived(self, rels: list[str], submit: Submit) -> None:
-        for sighting in self._look_at(rels):
+        for sighting in self._look_at(rels, keep=True):
             # cleanup's chmod (IN_ATTRIB) and close (IN_CLOSE_WRITE) both announce one
             # arrival: hand it over once.
-            if self.handed.claim(sighting.identity, None):
-                self.stats["arrived"] += 1
-                submit(self.job(sighting))
+            job, handed = self.job(sighting), False
+            try:
+                if self.handed.claim(sighting.identity, None):
+                    self.stats["arrived"] += 1
+                    handed = True
+                    submit(job)  # from here the pipeline discards what it drops
+            finally:
+                if not handed:
+                    self._discard(job.payload)
 
     # --- acting --------------------------------------------------------------------------
 
