@@ -32,6 +32,7 @@ from spoolscan.content import content_hash
 from spoolscan.fsutil import UnsafeFile, check_name
 from spoolscan.mailbox import Location, unique_part
 from spoolscan.model import Verdict
+from spoolscan.postfix import queuefile
 from spoolscan.postfix.queuefile import QueueFile, QueueFileError
 from spoolscan.text import escape, printable, unescape
 
@@ -171,6 +172,37 @@ def test_queue_files_cut_at_every_offset_are_refused_cleanly(seeds):
 @given(index=st.integers(0, 1000), ops=OPS)
 def test_mutated_queue_files_give_a_result_or_a_queue_file_error(seeds, batch, index, ops):
     measured("queue file reader")(_bounded)(mutate(seeds[index % len(seeds)], ops))
+
+
+def _read_result(data: bytes, read_chunk: int) -> tuple:  # type: ignore[type-arg]
+    """What reading ``data`` as a queue file gives with buffers of ``read_chunk`` bytes:
+    the envelope and content, or the error message."""
+    saved = queuefile.READ_CHUNK
+    queuefile.READ_CHUNK = read_chunk
+    fd = os.memfd_create("queuefile")
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, 0o700)
+        try:
+            with QueueFile.from_fd(os.dup(fd), "hold/ABCDEF", check_content=False) as qf:
+                with qf.content() as stream:
+                    return ("ok", qf.envelope, stream.read())
+        except QueueFileError as exc:
+            return ("error", str(exc))
+    finally:
+        os.close(fd)
+        queuefile.READ_CHUNK = saved
+
+
+@BATCHES
+@SETTINGS
+@given(index=st.integers(0, 1000), ops=OPS, small=st.integers(1, 16))
+def test_a_queue_file_reads_the_same_whatever_the_buffer_size(seeds, batch, index, ops,
+                                                              small):
+    """The reader's shortcuts for records wholly inside its buffer agree with the
+    record-by-record path that buffers of a few bytes force, on valid and broken files."""
+    data = mutate(seeds[index % len(seeds)], ops) if index % 4 else seeds[index % len(seeds)]
+    assert _read_result(data, small) == _read_result(data, queuefile.READ_CHUNK)
 
 
 @BATCHES

@@ -263,6 +263,15 @@ def _read_header(cur: _Cursor) -> _Header | None:
     absurd length is reported here, before anything tries to read or allocate it.
     """
     start = cur.pos
+    # Most records (every envelope attribute, most lines) have a one-byte length and
+    # a header already in the buffer: read it there.
+    buf, offset = cur._buf, start - cur._buf_start
+    if 0 <= offset < len(buf) - 1 and buf[offset + 1] < 0x80:
+        cur.pos = start + 2
+        header = _Header(start, chr(buf[offset]), buf[offset + 1], start + 2)
+        if start + 2 + header.length > cur.size:
+            raise cur.truncated(header, cur.size - header.data_offset)
+        return header
     head = cur.peek(1 + MAX_LENGTH_BYTES)  # type byte + the longest possible length
     if not head:
         return None
@@ -296,8 +305,13 @@ def _read_meta(cur: _Cursor, header: _Header) -> bytes:
             f"record too long at offset {header.offset} "
             f"(type {_type_repr(header.rtype)}, {header.length} bytes)"
         )
-    cur.seek(header.data_offset)
-    return cur.read_exact(header.length, header)
+    start, length = header.data_offset, header.length
+    offset = start - cur._buf_start
+    if 0 <= offset and offset + length <= len(cur._buf):  # already read: most records
+        cur.pos = start + length
+        return cur._buf[offset:offset + length]
+    cur.seek(start)
+    return cur.read_exact(length, header)
 
 
 class _Pointers:
