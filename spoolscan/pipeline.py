@@ -4,7 +4,8 @@ Like Postfix's own daemons, it is a few small loops joined by queues with explic
 
 * **sources** (the hold-queue watcher, the Maildir watcher, sweeps, rescans) ``submit``
   jobs into a bounded queue; a full queue blocks them (back-pressure, bounded memory);
-* the **dispatcher** hands jobs to ``concurrency`` scanner threads;
+* ``concurrency`` **scanner** threads take jobs from that queue (each waits for one of
+  a bounded number of slots for what is scanned but not yet acted on) and scan them;
 * the **committer** takes finished scans in batches: it commits the verdicts together
   with the policy's decisions (made from what the store knew of each message), writes the
   intent of each action, and only then asks the source to act (release, quarantine...),
@@ -24,7 +25,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -177,8 +177,7 @@ class Worker:
         self._stop_requested = threading.Event()  # SIGTERM: cut sweeps short
         self._halt = threading.Event()  # loops exit once drained
         self._threads: list[threading.Thread] = []
-        self._pool = ThreadPoolExecutor(max_workers=config.clamd.concurrency,
-                                        thread_name_prefix="scan")
+        self._scanners = config.clamd.concurrency  # scanning threads, fixed at start-up
 
     # --- submitting ------------------------------------------------------------------
 
@@ -217,7 +216,10 @@ class Worker:
 
     # --- the loops -------------------------------------------------------------------
 
-    def _dispatch_loop(self) -> None:
+    def _scan_loop(self) -> None:
+        """One scanning thread: the next job, once a slot is free (what is scanned but
+        not yet committed and acted on is bounded), scanned, its outcome handed to the
+        commit loop.  Each takes jobs from the queue itself: no hand-over in between."""
         while not (self._halt.is_set() and self._jobs.empty()):
             try:
                 job = self._jobs.get(timeout=0.2)
@@ -226,7 +228,7 @@ class Worker:
             if job is None:  # woken up by stop()
                 continue
             self._slots.acquire()
-            self._pool.submit(self._scan, job)
+            self._scan(job)
 
     def _scan(self, job: Job) -> None:
         try:
@@ -531,8 +533,10 @@ class Worker:
     # --- running ---------------------------------------------------------------------
 
     def start(self, watch: bool = True) -> None:
-        """Start the dispatcher and committer, and (``watch``) the sources' watchers."""
-        for target, name in ((self._dispatch_loop, "dispatch"), (self._commit_loop, "commit")):
+        """Start the scanning threads and the committer, and (``watch``) the sources'
+        watchers."""
+        loops = [(self._scan_loop, f"scan-{i}") for i in range(self._scanners)]
+        for target, name in [*loops, (self._commit_loop, "commit")]:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -575,12 +579,12 @@ class Worker:
                 log.exception("%s: error while stopping", source.name)
         self._halt.set()
         with contextlib.suppress(queue.Full):
-            self._jobs.put_nowait(None)
+            for _ in range(self._scanners):
+                self._jobs.put_nowait(None)
         self._outcomes.put(None)
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
-        self._pool.shutdown(wait=True)
         self._threads.clear()
         if self.notifier is not None:
             self.notifier.stop()  # after the last action: its notices go out first

@@ -184,9 +184,9 @@ def _read_result(data: bytes, read_chunk: int) -> tuple:  # type: ignore[type-ar
         os.write(fd, data)
         os.fchmod(fd, 0o700)
         try:
-            with QueueFile.from_fd(os.dup(fd), "hold/ABCDEF", check_content=False) as qf:
-                with qf.content() as stream:
-                    return ("ok", qf.envelope, stream.read())
+            qf = QueueFile.from_fd(os.dup(fd), "hold/ABCDEF", check_content=False)
+            with qf, qf.content() as stream:
+                return ("ok", qf.envelope, stream.read())
         except QueueFileError as exc:
             return ("error", str(exc))
     finally:

@@ -307,7 +307,7 @@ def _read_meta(cur: _Cursor, header: _Header) -> bytes:
         )
     start, length = header.data_offset, header.length
     offset = start - cur._buf_start
-    if 0 <= offset and offset + length <= len(cur._buf):  # already read: most records
+    if offset >= 0 and offset + length <= len(cur._buf):  # already read: most records
         cur.pos = start + length
         return cur._buf[offset:offset + length]
     cur.seek(start)
