@@ -400,7 +400,7 @@ class Worker:
             records.append(record)
             self._count(p, record)
             log.log(line_level(p, record), "%s", log_line(p, record), extra=line_fields(p))
-            if self.notifier is not None and record.outcome != ActionOutcome.FAILED:
+            if self.notifier is not None and record.outcome == ActionOutcome.OK:
                 self.notifier.note(p)
             if (p.outcome.result.verdict == Verdict.INFECTED
                     and p.outcome.info.direction in ("outbound", "internal")):

@@ -116,3 +116,30 @@ def test_a_custom_template_replaces_the_built_in_one(
     (notice,) = received(postfix, "alice")
     assert notice["Subject"] == f"VIRUS Spoolscan.Test.EICAR-NDB.UNOFFICIAL for <{RCPT}>"
     assert "$nonsense stays as it is" in notice.get_content()
+
+
+def test_no_notice_for_infected_mail_that_left_the_queue_before_the_action(
+        config: Config, store: Store, postfix: PostfixInstance) -> None:
+    """An admin deletes the held message while it is scanned: spoolscan records that it
+    is gone and tells nobody it was quarantined (it was not)."""
+    import subprocess
+
+    cfg = with_notices(config, postfix, recipients=True)
+    qid = postfix.send(eicar_message(subject="deleted by the admin"), recipients=[RCPT])
+    postfix.wait_held(1)
+    worker = build_worker(cfg, store)
+    scan = worker.service.scan
+
+    def scan_then_delete(job):  # type: ignore[no-untyped-def]
+        outcome = scan(job)
+        subprocess.run(["postsuper", "-c", str(postfix.config_dir), "-d", qid, "hold"],
+                       check=True, capture_output=True)
+        return outcome
+
+    worker.service.scan = scan_then_delete  # type: ignore[method-assign]
+    worker.run_once()
+    with store.engine.connect() as conn:
+        outcome = conn.execute(text("SELECT outcome FROM actions WHERE action = "
+                                    "'quarantine' AND outcome <> 'pending'")).scalar()
+    assert outcome == "gone" and postfix.held_ids() == []
+    assert notices(store) == []

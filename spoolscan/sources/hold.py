@@ -33,7 +33,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -102,8 +102,24 @@ class HeldFile:
     rel: str
     ino: int
     envelope: Envelope | None
-    # The file as the watcher opened it, until the scan takes it (see HoldSource.job).
+    # The file as the watcher opened it, until the scan takes it, and what gives back
+    # the keep slot it holds (the slot of the source that took it).
     kept: QueueFile | None = field(default=None, repr=False, compare=False)
+    give_back: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def take(self) -> QueueFile | None:
+        """The kept file (now the caller's to close), or None; its slot is given back."""
+        kept, self.kept = self.kept, None
+        give_back, self.give_back = self.give_back, None
+        if give_back is not None:
+            give_back()
+        return kept
+
+    def discard(self) -> None:
+        """Close the kept file, if any, and give back its slot (twice is harmless)."""
+        kept = self.take()
+        if kept is not None:
+            kept.close()
 
 
 class _GuardedStream(io.RawIOBase):
@@ -198,8 +214,8 @@ class HoldSource(Source):
         What one file does (a bad name, a symlink, a file that cannot be parsed) is that
         file's own outcome; an exception here is the helper's or the configuration's,
         for the caller to report.  ``keep``: each readable file stays open in its
-        sighting for the scan; the caller hands each on as it comes (the next one may
-        wait for room to keep it) or calls ``_discard``."""
+        sighting (``HeldFile.kept``) for the caller to keep for the scan or discard, as
+        it comes (keeping one may wait for the scanners to make room)."""
         for start in range(0, len(rels), OPEN_BATCH):
             batch = rels[start:start + OPEN_BATCH]
             files = self.broker.hold_open_many(self.queue_dir, batch)
@@ -236,7 +252,7 @@ class HoldSource(Source):
             try:
                 info = self._info(qf.envelope, qf.stat.st_ino)
                 held = HeldFile(entry.rel, qf.stat.st_ino, qf.envelope)
-                if keep and self._take_keep_budget():
+                if keep:  # the caller takes a keep slot for it, or closes it
                     held.kept, qf = qf, None  # type: ignore[assignment]
             finally:
                 if qf is not None:
@@ -285,7 +301,7 @@ class HoldSource(Source):
     def job(self, sighting: Sighting, trigger: Trigger = Trigger.ARRIVAL) -> Job:
         info, held = sighting.data
         return Job(info=info, open=lambda: self._open(held), trigger=trigger, payload=held,
-                   discard=lambda: self._discard(held))
+                   discard=held.discard)
 
     # --- files kept open from the look to the scan ------------------------------------
 
@@ -296,27 +312,17 @@ class HoldSource(Source):
                 return False
         return True
 
-    def _take_kept(self, held: HeldFile) -> QueueFile | None:
-        kept, held.kept = held.kept, None
-        if kept is not None:
-            self._keep_budget.release()
-        return kept
-
-    def _discard(self, held: HeldFile) -> None:
-        kept = self._take_kept(held)
-        if kept is not None:
-            kept.close()
-
     @contextlib.contextmanager
     def _open(self, held: HeldFile) -> Iterator[Opened]:
         """The content of the file looked at (same inode), as one rewindable stream."""
-        with self._queue_file(held) as qf, _GuardedStream(qf.content()) as stream:
+        # The file the watcher kept open if any (the same inode by construction).
+        qf = held.take()
+        if qf is None:
+            qf = self._queue_file(held)
+        with qf, _GuardedStream(qf.content()) as stream:
             yield Opened(stream=stream, size=qf.envelope.message_size)  # type: ignore[arg-type]
 
     def _queue_file(self, held: HeldFile) -> QueueFile:
-        kept = self._take_kept(held)
-        if kept is not None:
-            return kept  # opened by the watcher: the same inode by construction
         try:
             opened = self.broker.hold_open(self.queue_dir, held.rel)
         except FileNotFoundError:
@@ -402,14 +408,21 @@ class HoldSource(Source):
             # cleanup's chmod (IN_ATTRIB) and close (IN_CLOSE_WRITE) both announce one
             # arrival: hand it over once.
             job, handed = self.job(sighting), False
+            held: HeldFile = job.payload
             try:
                 if self.handed.claim(sighting.identity, None):
                     self.stats["arrived"] += 1
+                    # Kept open for the scan only with a slot (a duplicate never waits
+                    # for one); without (stopping), the scan opens it again.
+                    if self._take_keep_budget():
+                        held.give_back = self._keep_budget.release
+                    else:
+                        held.discard()
                     handed = True
                     submit(job)  # from here the pipeline discards what it drops
             finally:
                 if not handed:
-                    self._discard(job.payload)
+                    held.discard()
 
     # --- acting --------------------------------------------------------------------------
 
