@@ -174,11 +174,12 @@ def test_mutated_queue_files_give_a_result_or_a_queue_file_error(seeds, batch, i
     measured("queue file reader")(_bounded)(mutate(seeds[index % len(seeds)], ops))
 
 
-def _read_result(data: bytes, read_chunk: int) -> tuple:  # type: ignore[type-arg]
-    """What reading ``data`` as a queue file gives with buffers of ``read_chunk`` bytes:
-    the envelope and content, or the error message."""
-    saved = queuefile.READ_CHUNK
-    queuefile.READ_CHUNK = read_chunk
+def _read_result(data: bytes, read_chunk: int, shortcuts: bool) -> tuple:  # type: ignore[type-arg]
+    """What reading ``data`` as a queue file gives with buffers of ``read_chunk`` bytes,
+    with or without the reader's in-buffer shortcuts: the envelope and content, or the
+    error message."""
+    saved = queuefile.READ_CHUNK, queuefile.SHORTCUTS
+    queuefile.READ_CHUNK, queuefile.SHORTCUTS = read_chunk, shortcuts
     fd = os.memfd_create("queuefile")
     try:
         os.write(fd, data)
@@ -191,7 +192,7 @@ def _read_result(data: bytes, read_chunk: int) -> tuple:  # type: ignore[type-ar
             return ("error", str(exc))
     finally:
         os.close(fd)
-        queuefile.READ_CHUNK = saved
+        queuefile.READ_CHUNK, queuefile.SHORTCUTS = saved
 
 
 @BATCHES
@@ -200,9 +201,11 @@ def _read_result(data: bytes, read_chunk: int) -> tuple:  # type: ignore[type-ar
 def test_a_queue_file_reads_the_same_whatever_the_buffer_size(seeds, batch, index, ops,
                                                               small):
     """The reader's shortcuts for records wholly inside its buffer agree with the
-    record-by-record path that buffers of a few bytes force, on valid and broken files."""
+    record-by-record path, on valid and broken files, whatever the buffer size."""
     data = mutate(seeds[index % len(seeds)], ops) if index % 4 else seeds[index % len(seeds)]
-    assert _read_result(data, small) == _read_result(data, queuefile.READ_CHUNK)
+    expected = _read_result(data, queuefile.READ_CHUNK, shortcuts=False)
+    assert _read_result(data, queuefile.READ_CHUNK, shortcuts=True) == expected
+    assert _read_result(data, small, shortcuts=True) == expected
 
 
 @BATCHES

@@ -62,6 +62,9 @@ READ_CHUNK = 64 * 1024
 REPLAY_LIMIT = 256 * 1024
 #: Postfix decodes at most 32 bits of length (record.c), i.e. five length bytes.
 MAX_LENGTH_BYTES = 5
+#: Take records that lie wholly in the reader's buffer from it directly (most of them).
+#: The fuzz tests turn this off to hold it to the record-by-record path.
+SHORTCUTS = True
 #: Envelope/extracted records are read into memory; none is legitimately this long.
 MAX_META_RECORD = 1 << 20
 #: Pointer records followed in one pass.  Each milter-inserted header costs two hops and
@@ -266,7 +269,7 @@ def _read_header(cur: _Cursor) -> _Header | None:
     # Most records (every envelope attribute, most lines) have a one-byte length and
     # a header already in the buffer: read it there.
     buf, offset = cur._buf, start - cur._buf_start
-    if 0 <= offset < len(buf) - 1 and buf[offset + 1] < 0x80:
+    if SHORTCUTS and 0 <= offset < len(buf) - 1 and buf[offset + 1] < 0x80:
         cur.pos = start + 2
         header = _Header(start, chr(buf[offset]), buf[offset + 1], start + 2)
         if start + 2 + header.length > cur.size:
@@ -307,7 +310,7 @@ def _read_meta(cur: _Cursor, header: _Header) -> bytes:
         )
     start, length = header.data_offset, header.length
     offset = start - cur._buf_start
-    if offset >= 0 and offset + length <= len(cur._buf):  # already read: most records
+    if SHORTCUTS and offset >= 0 and offset + length <= len(cur._buf):  # already read
         cur.pos = start + length
         return cur._buf[offset:offset + length]
     cur.seek(start)
@@ -615,7 +618,7 @@ def _content_chunks(
         buf, base = cur._buf, cur._buf_start
         i, n = cur.pos - base, len(buf)
         limit = min(n, cur.size - base)  # never trust bytes past the planned size
-        if i >= 0:
+        if SHORTCUTS and i >= 0:
             while i < limit:
                 rtype = buf[i]
                 if rtype != _N and rtype != _L:
