@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 
 JOB_QUEUE_SIZE = 1000  # jobs waiting for a scanner thread
 OPEN_LIMIT = 256  # jobs scanned but not yet committed and acted on, plus those in scan
+# How the commit loop gathers a batch (see Worker._gather).
+GATHER_IDLE = 0.01  # seconds without a new outcome that end a batch
+GATHER_MAX = 0.2  # seconds the first outcome of a batch waits at most
+BATCH_MAX = 200
 
 
 def _discard(job: Job) -> None:
@@ -251,15 +255,7 @@ class Worker:
                 continue
             if first is None:  # woken up by stop()
                 continue
-            batch = [first]
-            deadline = time.monotonic() + 0.02  # gather what finishes together
-            while len(batch) < 200:
-                try:
-                    more = self._outcomes.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if more is not None:
-                    batch.append(more)
+            batch = self._gather(first)
             try:
                 self.process(batch)
             except Exception:
@@ -270,6 +266,26 @@ class Worker:
                     self._forget((outcome.job.info.source, outcome.job.info.identity))
                     self._slots.release()
                 self._hand_over_again()
+
+    def _gather(self, first: Outcome) -> list[Outcome]:
+        """``first`` and the outcomes that follow it closely: until nothing else is in
+        the pipeline, none came for ``GATHER_IDLE`` seconds, ``GATHER_MAX`` after the
+        first, or ``BATCH_MAX`` of them.  A lone message does not wait; under load the
+        batches grow, and with them what each commit, postsuper run and action record
+        is shared by (CPU per message at 10 a batch about twice that at 50)."""
+        batch = [first]
+        deadline = time.monotonic() + GATHER_MAX
+        while len(batch) < BATCH_MAX and self.in_pipeline() > len(batch):
+            wait = min(GATHER_IDLE, deadline - time.monotonic())
+            if wait <= 0:
+                break
+            try:
+                more = self._outcomes.get(timeout=wait)
+            except queue.Empty:
+                break
+            if more is not None:
+                batch.append(more)
+        return batch
 
     # --- verdict → store → action → store --------------------------------------------
 

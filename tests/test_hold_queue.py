@@ -509,35 +509,6 @@ def test_a_burst_keeps_a_bounded_number_of_held_files_open(config, store, postfi
     assert postfix.held_ids() == []
 
 
-def test_the_pipeline_gives_back_what_a_dropped_or_scanned_job_kept(config, store):
-    """A job refused as a duplicate is discarded at once; the one taken is discarded
-    once scanned."""
-    import contextlib
-    import io
-
-    from spoolscan.model import Job, MessageInfo, Opened
-
-    worker = build_worker(replace(config, sources=()), store)
-    discarded: list[str] = []
-
-    def job(name: str) -> Job:
-        @contextlib.contextmanager
-        def opener():
-            yield Opened(stream=io.BytesIO(b"Subject: kept\n\nhello\n"))
-        info = MessageInfo(source="test", kind="file", identity="one", location=name)
-        return Job(info=info, open=opener, discard=lambda: discarded.append(name))
-
-    assert worker.submit(job("first"))
-    assert not worker.submit(job("duplicate"))
-    assert discarded == ["duplicate"]
-    worker.start()
-    try:
-        wait_until(lambda: "first" in discarded)
-    finally:
-        worker.stop()
-    assert discarded == ["duplicate", "first"]
-
-
 def test_arrivals_read_at_once_beyond_the_keep_budget_flow_without_a_sweep(
         config, store, postfix, monkeypatch):
     """One inotify read naming more files than the watcher may keep open: each is

@@ -1,0 +1,55 @@
+"""The pipeline's own rules, with jobs made up by the test (the sources' tests run it
+against real Postfix and Maildir): what a dropped job gives back, how the commit loop
+gathers its batches."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import replace
+
+from conftest import wait_until
+
+from spoolscan.model import Job, MessageInfo, Opened, Outcome, ScanResult, Verdict
+from spoolscan.runner import build_worker
+
+
+def made_up_job(identity: str, discarded: list[str] | None = None) -> Job:
+    @contextlib.contextmanager
+    def opener():  # type: ignore[no-untyped-def]
+        yield Opened(stream=io.BytesIO(b"Subject: made up\n\nhello\n"))
+
+    info = MessageInfo(source="test", kind="file", identity=identity, location=identity)
+    discard = None if discarded is None else (lambda: discarded.append(identity))
+    return Job(info=info, open=opener, discard=discard)
+
+
+def test_the_pipeline_gives_back_what_a_dropped_or_scanned_job_kept(config, store):
+    """A job refused as a duplicate is discarded at once; the one taken is discarded
+    once scanned."""
+    worker = build_worker(replace(config, sources=()), store)
+    discarded: list[str] = []
+    first, duplicate = made_up_job("one", discarded), made_up_job("one", [])
+    duplicate.discard = lambda: discarded.append("duplicate")
+    assert worker.submit(first)
+    assert not worker.submit(duplicate)
+    assert discarded == ["duplicate"]
+    worker.start()
+    try:
+        wait_until(lambda: "one" in discarded)
+    finally:
+        worker.stop()
+    assert discarded == ["duplicate", "one"]
+
+
+def test_a_batch_holds_the_outcomes_that_finished_together(config, store):
+    """Outcomes waiting for the commit loop go into one batch with the first (it ends
+    once every message in the pipeline is in it)."""
+    worker = build_worker(replace(config, sources=()), store)
+    jobs = [made_up_job(f"m{i}") for i in range(6)]
+    for job in jobs:
+        assert worker.submit(job)  # in the pipeline (not started: nothing takes them)
+    outcomes = [Outcome(job, job.info, ScanResult(Verdict.CLEAN)) for job in jobs]
+    for outcome in outcomes[1:]:
+        worker._outcomes.put(outcome)
+    assert worker._gather(outcomes[0]) == outcomes
