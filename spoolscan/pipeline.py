@@ -62,7 +62,7 @@ OPEN_LIMIT = 256  # jobs scanned but not yet committed and acted on, plus those 
 # How the commit loop gathers a batch (see Worker._gather).
 GATHER_IDLE = 0.01  # seconds without a new outcome that end a batch
 GATHER_MAX = 0.2  # seconds the first outcome of a batch waits at most
-BATCH_MAX = 200
+BATCH_MAX = 100  # well under OPEN_LIMIT: scanning goes on while a batch is committed
 
 
 def _discard(job: Job) -> None:
