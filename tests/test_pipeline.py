@@ -43,8 +43,7 @@ def test_the_pipeline_gives_back_what_a_dropped_or_scanned_job_kept(config, stor
 
 
 def test_a_batch_holds_the_outcomes_that_finished_together(config, store):
-    """Outcomes waiting for the commit loop go into one batch with the first (it ends
-    once every message in the pipeline is in it)."""
+    """Outcomes waiting for the commit loop go into one batch with the first."""
     worker = build_worker(replace(config, sources=()), store)
     jobs = [made_up_job(f"m{i}") for i in range(6)]
     for job in jobs:
