@@ -619,26 +619,31 @@ def _content_chunks(
         i, n = cur.pos - base, len(buf)
         limit = min(n, cur.size - base)  # never trust bytes past the planned size
         if SHORTCUTS and i >= 0:
-            while i < limit:
+            while i + 1 < limit:
                 rtype = buf[i]
                 if rtype != _N and rtype != _L:
                     break
-                j, length, shift = i + 1, 0, 0
-                while j < limit and shift < 7 * MAX_LENGTH_BYTES:
-                    byte = buf[j]
-                    j += 1
-                    length |= (byte & 0x7F) << shift
-                    shift += 7
-                    if not byte & 0x80:
-                        break
+                length = buf[i + 1]
+                if length < 0x80:  # one length byte: most lines
+                    j = i + 2
                 else:
-                    break  # the length runs past the buffer: general path
-                if j + length > limit:
+                    j, length, shift = i + 1, 0, 0
+                    while j < limit and shift < 7 * MAX_LENGTH_BYTES:
+                        byte = buf[j]
+                        j += 1
+                        length |= (byte & 0x7F) << shift
+                        shift += 7
+                        if not byte & 0x80:
+                            break
+                    else:
+                        break  # the length runs past the buffer: general path
+                end = j + length
+                if end > limit:
                     break  # the data runs past the buffer: general path
-                out += buf[j : j + length]
+                out += buf[j:end]
                 if rtype == _N:
                     out += b"\n"
-                i = j + length
+                i = end
                 if len(out) >= READ_CHUNK:
                     cur.pos = base + i
                     yield bytes(out)
