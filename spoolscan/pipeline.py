@@ -181,7 +181,9 @@ class Worker:
         self._stop_requested = threading.Event()  # SIGTERM: cut sweeps short
         self._halt = threading.Event()  # loops exit once drained
         self._threads: list[threading.Thread] = []
-        self._scanners = config.clamd.concurrency  # scanning threads, fixed at start-up
+        # Scanning threads, fixed at start-up; more than the slots leave for scanning
+        # could only wait, each holding a job outside the bounded queue.
+        self._scanners = min(config.clamd.concurrency, OPEN_LIMIT - BATCH_MAX)
 
     # --- submitting ------------------------------------------------------------------
 
@@ -237,7 +239,8 @@ class Worker:
     def _scan(self, job: Job) -> None:
         try:
             outcome = self.service.scan(job)
-        except Exception as exc:  # never lose a job: its slot and key go with its outcome
+        except BaseException as exc:  # never lose a job (or its thread): its slot and key
+            # go with its outcome
             log.exception("%s: unexpected error while scanning", job.info.location)
             outcome = Outcome(job, job.info,
                               ScanResult(Verdict.ERROR, detail=f"internal error: {exc!r}"))
@@ -599,11 +602,28 @@ class Worker:
                 self._jobs.put_nowait(None)
         self._outcomes.put(None)
         deadline = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(max(0.1, deadline - time.monotonic()))
+        scanners, committer = self._threads[:-1], self._threads[-1:]  # see start()
+        for t in scanners:
+            t.join(max(0.01, deadline - time.monotonic()))
+        self._drop_unscanned()
+        for t in committer:
+            t.join(max(0.01, deadline - time.monotonic()))
         self._threads.clear()
         if self.notifier is not None:
             self.notifier.stop()  # after the last action: its notices go out first
+
+    def _drop_unscanned(self) -> None:
+        """Jobs still queued once the scanners ended (a source that submitted as they
+        stopped): dropped, so that the commit loop does not wait for them (the mail stays
+        where it is; the next start's sweep finds it)."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                _discard(job)
+                self._forget((job.info.source, job.info.identity))
 
     def run_once(self) -> None:
         """Process what is there now (and what arrives meanwhile), then stop."""

@@ -52,3 +52,42 @@ def test_a_batch_holds_the_outcomes_that_finished_together(config, store):
     for outcome in outcomes[1:]:
         worker._outcomes.put(outcome)
     assert worker._gather(outcomes[0]) == outcomes
+
+
+def test_a_scan_that_raises_anything_is_an_error_and_its_thread_goes_on(config, store):
+    """Even a SystemExit from a scan becomes that message's error; the scanning thread
+    takes the next job."""
+    worker = build_worker(replace(config, sources=(), clamd=replace(config.clamd,
+                                                                    concurrency=1)),
+                          store)
+    scan, discarded = worker.service.scan, []
+
+    def exploding(job):  # type: ignore[no-untyped-def]
+        if job.info.identity == "bad":
+            raise SystemExit("a scan that exits")
+        return scan(job)
+
+    worker.service.scan = exploding  # type: ignore[method-assign]
+    worker.start()
+    try:
+        assert worker.submit(made_up_job("bad", discarded))
+        assert worker.submit(made_up_job("good", discarded))
+        wait_until(lambda: discarded == ["bad", "good"] and worker.in_pipeline() == 0)
+        assert all(t.is_alive() for t in worker._threads)
+    finally:
+        worker.stop()
+
+
+def test_a_job_queued_as_the_scanners_stop_is_given_back(config, store):
+    """A source that submits just as the worker stops (the scanners already gone): the
+    job is given back and dropped (the next start's sweep finds the mail) rather than
+    left in the queue with what it keeps open, and the stop completes."""
+    worker = build_worker(replace(config, sources=()), store)
+    worker.start()
+    worker._halt.set()  # what stop() does; the scanners end, the queue being empty
+    wait_until(lambda: not any(t.is_alive() for t in worker._threads[:-1]))
+    committer, discarded = worker._threads[-1], []
+    assert worker.submit(made_up_job("late", discarded))  # accepted: not yet stopping
+    worker.stop(timeout=20)
+    assert discarded == ["late"] and worker.in_pipeline() == 0
+    assert not committer.is_alive()
