@@ -296,11 +296,14 @@ class Worker:
         """Commit the verdicts and decisions of ``outcomes``, then act, then record."""
         now = utcnow()
         scanned: list[Outcome] = []
+        database_down = False
         for o in outcomes:
-            if o.unavailable is not None:
-                self._note_unavailable(o)
-            else:
+            if o.unavailable is None:
                 scanned.append(o)
+            elif database_down:  # one wait for a down (or locked) database per batch
+                self._not_recorded([o])
+            else:
+                database_down = not self._note_unavailable(o)
         if not scanned:
             return
         records = [ScanRecord(
@@ -525,7 +528,8 @@ class Worker:
         if p.decision.state == State.STUCK:
             self.stats["stuck"] += 1
 
-    def _note_unavailable(self, o: Outcome) -> None:
+    def _note_unavailable(self, o: Outcome) -> bool:
+        """Record a message that could not be read; False if the database is down."""
         assert o.unavailable is not None
         name = printable(o.info.queue_id or o.info.location)
         policy = self.config.policy
@@ -535,7 +539,7 @@ class Worker:
                 log.info("%s: gone before it could be scanned (%s)", name,
                          printable(str(o.unavailable)))
                 self.store.note_failure(o.info, str(o.unavailable), retry=None)
-                return
+                return True
             self.stats["unreadable"] += 1
             retry = self.store.note_failure(
                 o.info, str(o.unavailable),
@@ -543,11 +547,12 @@ class Worker:
         except Exception as exc:
             log_failure(log, f"{name}: not recorded", exc)
             self._not_recorded([o])
-            return
+            return not is_outage(exc)
         if retry is not None:
             log.warning("%s: cannot be read, kept where it is: %s (attempt %d of %d%s)",
                         name, printable(str(o.unavailable)), retry.attempts,
                         policy.max_attempts, ", flagged stuck" if retry.stuck else "")
+        return True
 
     # --- running ---------------------------------------------------------------------
 

@@ -91,3 +91,26 @@ def test_a_job_queued_as_the_scanners_stop_is_given_back(config, store):
     worker.stop(timeout=20)
     assert discarded == ["late"] and worker.in_pipeline() == 0
     assert not committer.is_alive()
+
+
+def test_a_database_outage_costs_one_wait_per_batch_of_unreadable_messages(config, store):
+    """Several unreadable messages in one batch while the database is locked: the store
+    is asked once (each attempt can wait out the busy timeout), the rest are left for
+    the next sweep, and nothing is recorded."""
+    from sqlalchemy.exc import OperationalError
+
+    from spoolscan.model import ContentUnavailable
+
+    worker = build_worker(replace(config, sources=()), store)
+    calls: list[str] = []
+
+    def locked(info, detail, *, retry):  # type: ignore[no-untyped-def]
+        calls.append(info.identity)
+        raise OperationalError("INSERT", {}, Exception("database is locked"))
+
+    worker.store.note_failure = locked  # type: ignore[method-assign]
+    jobs = [made_up_job(f"unreadable-{i}") for i in range(3)]
+    worker.process([Outcome(job, job.info, ScanResult(Verdict.ERROR, detail="corrupt"),
+                            unavailable=ContentUnavailable("corrupt")) for job in jobs])
+    assert calls == ["unreadable-0"]
+    assert len(worker._unrecorded) == 3  # handed over again once out of the pipeline
