@@ -42,7 +42,6 @@ import os
 import stat as stat_mod
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -850,17 +849,11 @@ class QueueFile:
     the content can still be read after postsuper renamed or deleted the file.
     """
 
-    def __init__(self, path: str, fd: int, st: os.stat_result, envelope: Envelope,
-                 label: str) -> None:
-        self._path = path
+    def __init__(self, fd: int, st: os.stat_result, envelope: Envelope, label: str) -> None:
         self.stat = st
         self.envelope = envelope
         self._fd: int | None = fd
         self._label = label
-
-    @property
-    def path(self) -> Path:
-        return Path(self._path)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, check_content: bool = True) -> QueueFile:
@@ -911,7 +904,7 @@ class QueueFile:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, st, envelope, label)
+        return cls(fd, st, envelope, label)
 
     @property
     def queue_id(self) -> str:

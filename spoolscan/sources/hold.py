@@ -251,12 +251,13 @@ class HoldSource(Source):
             qf = QueueFile.from_fd(opened.fd, path, check_content=False)
             try:
                 info = self._info(qf.envelope, qf.stat.st_ino)
-                held = HeldFile(entry.rel, qf.stat.st_ino, qf.envelope)
-                if keep:  # the caller takes a keep slot for it, or closes it
-                    held.kept, qf = qf, None  # type: ignore[assignment]
-            finally:
-                if qf is not None:
-                    qf.close()
+            except BaseException:
+                qf.close()
+                raise
+            # Kept: the caller takes a keep slot for it, or closes it.
+            held = HeldFile(entry.rel, qf.stat.st_ino, qf.envelope, kept=qf if keep else None)
+            if not keep:
+                qf.close()
             return Sighting(info.identity, (info, held))
         except QueueFileNotReady:
             return None
